@@ -1,0 +1,1 @@
+"""DICOM input (vendor-aware loading), geometry and output writers."""

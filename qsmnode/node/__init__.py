@@ -1,0 +1,1 @@
+"""The node: receiver, spool, index, series tracker, rules, jobs, worker, dispatch, http, audit."""

@@ -1,0 +1,1 @@
+"""Reconstruction: multi-echo GRE -> QSM, R2*, SWI, on numpy or cupy."""

@@ -1,0 +1,1 @@
+"""Numerical head phantom, forward model and vendor-flavoured DICOM writer."""
