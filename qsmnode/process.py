@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -71,6 +71,55 @@ def summarise(acquisition: Acquisition, result: ReconResult, stage_seconds: dict
     }
 
 
+def process_acquisition(
+    acquisition: Acquisition,
+    output_dir: str | os.PathLike,
+    *,
+    device: str = "auto",
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    parametric_map: bool = True,
+    summary_image: bool = True,
+    progress: Callable[[str], None] | None = None,
+    stage_seconds: dict[str, float] | None = None,
+) -> ProcessOutcome:
+    """Reconstruct a loaded acquisition and write every output into ``output_dir``.
+
+    ``progress`` (optional) is called with a short text before each stage. Nothing is written
+    when reconstruction or output building fails.
+    """
+    from qsmnode.dicom.outputs import build_output_datasets
+    from qsmnode.dicom.write import write_datasets
+
+    report = progress or (lambda text: None)
+    stage_seconds = dict(stage_seconds or {})
+
+    report("reconstructing")
+    start = time.perf_counter()
+    result = reconstruct_acquisition(acquisition, device=device, preset=preset, overrides=overrides)
+    stage_seconds["reconstruct"] = time.perf_counter() - start
+    for step in result.steps:
+        stage_seconds[f"reconstruct.{step.name}"] = step.seconds
+
+    report("building DICOM outputs")
+    start = time.perf_counter()
+    datasets = build_output_datasets(
+        acquisition, result, parametric_map=parametric_map, summary_image=summary_image
+    )
+    stage_seconds["build_outputs"] = time.perf_counter() - start
+
+    report("writing")
+    start = time.perf_counter()
+    paths = write_datasets(datasets, Path(output_dir))
+    stage_seconds["write"] = time.perf_counter() - start
+
+    summary = summarise(acquisition, result, stage_seconds)
+    summary["outputs"] = len(paths)
+    summary["output_dir"] = str(output_dir)
+    summary["study_instance_uid"] = str(acquisition.header.get("StudyInstanceUID", ""))
+    return ProcessOutcome(output_paths=paths, summary=summary)
+
+
 def process_paths(
     input_paths: Iterable[str | os.PathLike],
     output_dir: str | os.PathLike,
@@ -80,38 +129,27 @@ def process_paths(
     overrides: dict[str, Any] | None = None,
     parametric_map: bool = True,
     summary_image: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> ProcessOutcome:
-    """Load one acquisition from DICOM files or folders, reconstruct it, write every output into ``output_dir``.
+    """Load exactly one acquisition from DICOM files or folders and process it into ``output_dir``.
 
     Raises :class:`qsmnode.errors.InputRefused` / :class:`qsmnode.errors.ReconstructionError`
     with a reason when the input cannot be processed; nothing is written in that case.
     """
     from qsmnode.dicom.load import load_acquisition
-    from qsmnode.dicom.outputs import build_output_datasets
-    from qsmnode.dicom.write import write_datasets
 
-    stage_seconds: dict[str, float] = {}
+    if progress:
+        progress("loading DICOM")
     start = time.perf_counter()
     acquisition = load_acquisition([Path(p) for p in input_paths])
-    stage_seconds["load"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    result = reconstruct_acquisition(acquisition, device=device, preset=preset, overrides=overrides)
-    stage_seconds["reconstruct"] = time.perf_counter() - start
-    for step in result.steps:
-        stage_seconds[f"reconstruct.{step.name}"] = step.seconds
-
-    start = time.perf_counter()
-    datasets = build_output_datasets(
-        acquisition, result, parametric_map=parametric_map, summary_image=summary_image
+    return process_acquisition(
+        acquisition,
+        output_dir,
+        device=device,
+        preset=preset,
+        overrides=overrides,
+        parametric_map=parametric_map,
+        summary_image=summary_image,
+        progress=progress,
+        stage_seconds={"load": time.perf_counter() - start},
     )
-    stage_seconds["build_outputs"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    paths = write_datasets(datasets, Path(output_dir))
-    stage_seconds["write"] = time.perf_counter() - start
-
-    summary = summarise(acquisition, result, stage_seconds)
-    summary["outputs"] = len(paths)
-    summary["study_instance_uid"] = str(acquisition.header.get("StudyInstanceUID", ""))
-    return ProcessOutcome(output_paths=paths, summary=summary)
