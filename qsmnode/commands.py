@@ -97,6 +97,19 @@ def register_file_commands(subparsers, formatter_class) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=run_simulate)
 
+    d = subparsers.add_parser(
+        "demo",
+        help="run the whole node on the bundled sample_dicom/ over real DICOM, with a local PACS",
+        description="Start a local PACS and a node, send sample_dicom/ to the node like a scanner, wait "
+        "for the QSM, SWI, minIP, R2*, Parametric Map and SR to come back, and print where they are.",
+        epilog="example:\n  qsmnode demo\n  qsmnode demo --workdir /tmp/qsm-demo --device cpu",
+        formatter_class=formatter_class,
+    )
+    d.add_argument("--workdir", default="qsmnode-demo", help="where the node and the local PACS keep files")
+    d.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    d.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the outputs")
+    d.set_defaults(func=run_demo)
+
 
 def _progress_printer(enabled: bool):
     start = time.perf_counter()
@@ -183,3 +196,9 @@ def run_simulate(args) -> int:
     )
     print(f"qsmnode simulate: {len(scan.paths)} DICOM files in {scan.dicom_dir}; truth in {scan.truth_dir}")
     return 0
+
+
+def run_demo(args) -> int:
+    from qsmnode.demo import run_demo as demo
+
+    return demo(Path(args.workdir), timeout_s=args.timeout, device=args.device)
