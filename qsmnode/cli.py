@@ -17,8 +17,15 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """Wrong options give one line (and where to look), not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qsmnode",
         description="A DICOM node that turns multi-echo GRE scans into QSM, SWI, minIP, R2* and a "
         "structured report, and sends them back to PACS.",
