@@ -7,6 +7,7 @@ Each command's work lives in its module; this file only parses arguments and tur
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from qsmnode import __version__
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # a bug, not a user error: one line, the traceback on request
+        if os.environ.get("QSMNODE_DEBUG"):
+            raise
+        print(f"qsmnode {args.command}: internal error: {type(err).__name__}: {err} "
+              "(set QSMNODE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

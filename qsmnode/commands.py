@@ -140,12 +140,12 @@ def print_summary(summary: dict, stream=sys.stdout) -> None:
 
 
 def run_process(args) -> int:
-    from qsmnode.dicom.load import load_acquisitions
-    from qsmnode.process import process_acquisition
-
     for item in args.inputs:
         if not Path(item).exists():
             raise FileNotFoundError(2, "no such file or folder", item)
+    from qsmnode.dicom.load import load_acquisitions
+    from qsmnode.process import process_acquisition
+
     show = sys.stderr.isatty() or not args.json
     report = _progress_printer(show)
     report("loading DICOM")
