@@ -1,0 +1,766 @@
+"""Dispatcher: a persistent outbox that delivers a job's output files to each destination.
+
+Every (job, destination, file) is a row of the table ``outbox`` in the node's SQLite index
+(WAL mode, shared with the index of jobs), so nothing is lost across restarts: a PACS that is
+down for an hour still gets everything once it is back. One worker thread per destination
+sends the due files in batches, one association (DIMSE) or one STOW-RS request (DICOMweb)
+per batch; failures are retried with exponential back-off with jitter ("equal jitter",
+Brooker, AWS Architecture Blog 2015: delay = d/2 + U(0, d/2), d = min(max_delay_s,
+base_delay_s * 2**(attempt-1))).
+
+Two kinds of failure are told apart:
+
+- the destination cannot be reached (connection refused, association rejected/aborted, HTTP
+  5xx, timeouts): transient, retried until delivered, however long it takes;
+- the destination refuses one instance with a failure status (C-STORE 0xA7xx/0xA9xx/0xCxxx,
+  STOW-RS FailedSOPSequence / HTTP 4xx): retried ``max_refusals`` times, then the file, and
+  so the job's dispatch, is marked failed with the status explained.
+
+Storage SCU per DICOM PS3.4 Annex B; STOW-RS per PS3.18 10.5.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sqlite3
+import ssl
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from qsmnode.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+_UNCOMPRESSED = {EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2.2"}
+
+#: Max presentation contexts one association may propose (PS3.8: odd IDs 1..255).
+MAX_CONTEXTS = 128
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where outputs go.
+
+    ``kind`` ``"dimse"``: a C-STORE SCP at ``host:port`` called ``ae_title``; optional TLS
+    (``tls=True``; ``tls_ca_file`` to verify the peer, ``tls_cert_file``/``tls_key_file`` for
+    a client certificate, ``tls_server_hostname`` to check against the peer's certificate,
+    default ``host``). ``kind`` ``"dicomweb"``: a STOW-RS service at ``url`` (the DICOMweb
+    root, e.g. ``http://pacs:8042/dicom-web``); HTTPS verification uses ``tls_ca_file`` (or the
+    system store) and the client certificate if given. ``timeout_s``: network timeout, seconds.
+    """
+
+    name: str
+    kind: str = "dimse"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = None
+    url: str | None = None
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_server_hostname: str | None = None
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("a destination needs a name", "give it one, e.g. name = \"pacs\"")
+        if self.kind == "dimse":
+            if not self.ae_title or not self.host or not self.port:
+                raise ConfigError(
+                    f"destination {self.name!r}: a DIMSE destination needs ae_title, host and port",
+                    "write it as AET@HOST:PORT or give ae_title, host and port")
+            if len(self.ae_title) > 16 or not self.ae_title.strip() or "\\" in self.ae_title:
+                raise ConfigError(f"destination {self.name!r}: AE title {self.ae_title!r} is not valid",
+                                  "an AE title has 1 to 16 characters and no backslash")
+            if not 0 < int(self.port) < 65536:
+                raise ConfigError(f"destination {self.name!r}: port {self.port} is out of range",
+                                  "use a TCP port between 1 and 65535")
+        elif self.kind == "dicomweb":
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise ConfigError(f"destination {self.name!r}: a DICOMweb destination needs an http(s) url",
+                                  "e.g. url = \"https://pacs.example.org/dicom-web\"")
+        else:
+            raise ConfigError(f"destination {self.name!r}: unknown kind {self.kind!r}",
+                              "use kind = \"dimse\" or kind = \"dicomweb\"")
+        for attr in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            value = getattr(self, attr)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"destination {self.name!r}: {attr} {value!r} is not a readable file",
+                                  "fix the path or remove the option")
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ConfigError(f"destination {self.name!r}: tls_key_file given without tls_cert_file",
+                              "give the client certificate too")
+
+    @classmethod
+    def parse_address(cls, address: str, name: str | None = None) -> "Destination":
+        """``"AET@HOST:PORT"`` (DIMSE) or an ``http(s)://`` URL (DICOMweb) -> Destination.
+
+        The name defaults to the AE title (or the URL's host).
+        """
+        address = address.strip()
+        if address.startswith(("http://", "https://")):
+            host = address.split("://", 1)[1].split("/", 1)[0]
+            return cls(name=name or host, kind="dicomweb", url=address.rstrip("/"))
+        aet, at, hostport = address.partition("@")
+        host, colon, port = hostport.rpartition(":")
+        host = host.strip("[]")
+        if not at or not colon or not aet or not host or not port.isdigit():
+            raise ConfigError(f"destination address {address!r} is not AET@HOST:PORT",
+                              "e.g. ORTHANC@127.0.0.1:4242, or an http(s):// DICOMweb URL")
+        return cls(name=name or aet, kind="dimse", ae_title=aet, host=host, port=int(port))
+
+    @classmethod
+    def from_config(cls, table: dict[str, Any]) -> "Destination":
+        """Build from a config table (TOML), e.g.::
+
+            {name = "pacs", address = "PACS@10.0.0.5:104"}
+            {name = "pacs", ae_title = "PACS", host = "10.0.0.5", port = 104,
+             tls = {ca_file = "ca.pem", cert_file = "node.pem", key_file = "node.key"}}
+            {name = "cloud", url = "https://pacs.example.org/dicom-web"}
+        """
+        if not isinstance(table, dict):
+            raise ConfigError(f"a destination must be a table, got {type(table).__name__}",
+                              "write [[destinations]] with name and address or url")
+        t = dict(table)
+        known = {"name", "kind", "address", "ae_title", "aet", "host", "port", "url", "tls",
+                 "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_hostname", "timeout_s"}
+        unknown = sorted(set(t) - known)
+        if unknown:
+            raise ConfigError(f"destination {t.get('name', '?')!r}: unknown option(s) {', '.join(unknown)}",
+                              f"known options: {', '.join(sorted(known))}")
+        tls = t.pop("tls", False)
+        if isinstance(tls, dict):
+            for key in ("ca_file", "cert_file", "key_file", "server_hostname"):
+                if key in tls:
+                    t.setdefault(f"tls_{key}", tls[key])
+            bad = sorted(set(tls) - {"ca_file", "cert_file", "key_file", "server_hostname"})
+            if bad:
+                raise ConfigError(f"destination {t.get('name', '?')!r}: unknown tls option(s) {', '.join(bad)}",
+                                  "use ca_file, cert_file, key_file, server_hostname")
+            tls = True
+        extra = {k: t[k] for k in ("tls_ca_file", "tls_cert_file", "tls_key_file",
+                                   "tls_server_hostname") if t.get(k)}
+        if "timeout_s" in t:
+            extra["timeout_s"] = float(t["timeout_s"])
+        if "address" in t:
+            base = cls.parse_address(str(t["address"]), name=t.get("name"))
+            d = asdict(base)
+            d.update(extra)
+            d["tls"] = bool(tls)
+            return cls(**d)
+        if "aet" in t and "ae_title" not in t:
+            t["ae_title"] = t["aet"]
+        kind = t.get("kind") or ("dicomweb" if t.get("url") else "dimse")
+        try:
+            port = int(t["port"]) if t.get("port") is not None else None
+        except (TypeError, ValueError):
+            raise ConfigError(f"destination {t.get('name', '?')!r}: port {t['port']!r} is not a number",
+                              "give the TCP port as an integer") from None
+        return cls(name=str(t.get("name") or t.get("ae_title") or ""), kind=kind,
+                   ae_title=t.get("ae_title"), host=t.get("host"), port=port,
+                   url=t.get("url"), tls=bool(tls), **extra)
+
+    def describe(self) -> str:
+        """One line for logs, e.g. ``pacs (PACS@10.0.0.5:104, TLS)``."""
+        where = self.url if self.kind == "dicomweb" else f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.name} ({where}{', TLS' if self.tls else ''})"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """Client TLS context (CA + optional client certificate) or ``None`` without TLS."""
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca_file)
+        if self.tls_cert_file:
+            ctx.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        return ctx
+
+
+class _Transient(Exception):
+    """The destination could not be reached or dropped the batch; retry later.
+
+    ``partial``: rowid -> result for the files settled before it happened.
+    """
+
+    def __init__(self, message: str, partial: dict[int, str | None] | None = None) -> None:
+        super().__init__(message)
+        self.partial = dict(partial or {})
+
+
+@dataclass
+class _Item:
+    rowid: int
+    job_id: str
+    path: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    sop_instance_uid: str
+    attempts: int
+    refusals: int
+    created_at: float
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    job_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL DEFAULT '',
+    transfer_syntax_uid TEXT NOT NULL DEFAULT '',
+    sop_instance_uid TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT 'pending',          -- pending | sent | failed
+    attempts INTEGER NOT NULL DEFAULT 0,             -- tries that did not deliver
+    refusals INTEGER NOT NULL DEFAULT 0,             -- of which: refused with a failure status
+    next_attempt_at REAL NOT NULL DEFAULT 0,         -- unix time, s
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    PRIMARY KEY (job_id, destination, path)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (destination, state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS outbox_destination (
+    name TEXT PRIMARY KEY,
+    config_json TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+def backoff_delay_s(attempt: int, base_delay_s: float, max_delay_s: float,
+                    rng: random.Random | None = None) -> float:
+    """Delay (s) before try ``attempt + 1`` after ``attempt`` (>= 1) failed: equal jitter, capped."""
+    d = min(max_delay_s, base_delay_s * (2.0 ** max(0, attempt - 1)))
+    r = (rng or random).random()
+    return min(max_delay_s, d / 2.0 + r * d / 2.0)
+
+
+def _status_text(status: int) -> str:
+    if 0xA700 <= status <= 0xA7FF:
+        what = "out of resources"
+    elif 0xA900 <= status <= 0xA9FF:
+        what = "data set does not match SOP class"
+    elif 0xC000 <= status <= 0xCFFF:
+        what = "cannot understand"
+    else:
+        what = {0x0117: "invalid SOP instance", 0x0122: "SOP class not supported",
+                0x0124: "not authorised", 0x0210: "duplicate invocation",
+                0x0211: "unrecognised operation", 0x0212: "mistyped argument"}.get(status, "failure")
+    return f"C-STORE status 0x{status:04X} ({what})"
+
+
+class Dispatcher:
+    """Persistent outbox and the threads that empty it (see the module docstring).
+
+    ``db_path``: the node's SQLite index file (the table ``outbox`` is created in it, WAL mode).
+    ``local_ae_title``: our calling AE title. ``metrics``: a :class:`~qsmnode.node.metrics.NodeMetrics`
+    (or ``None``). ``audit``: an :class:`~qsmnode.node.audit.AuditLog` (or ``None``).
+    ``base_delay_s``/``max_delay_s``: back-off (s). ``max_refusals``: tries of an instance that
+    the destination refuses before its job's dispatch is failed. ``batch_size``: files per
+    association/request. ``on_job_done(job_id, state, reason)`` is called (from a worker thread)
+    when a job's dispatch ends, ``state`` ``"sent"`` or ``"failed"``.
+    """
+
+    def __init__(self, db_path: str | os.PathLike, local_ae_title: str, metrics=None, audit=None, *,
+                 base_delay_s: float = 2.0, max_delay_s: float = 300.0, max_refusals: int = 5,
+                 batch_size: int = 500,
+                 on_job_done: Callable[[str, str, str | None], None] | None = None) -> None:
+        if not local_ae_title or len(local_ae_title) > 16:
+            raise ConfigError(f"local AE title {local_ae_title!r} is not valid",
+                              "an AE title has 1 to 16 characters")
+        if base_delay_s <= 0 or max_delay_s < base_delay_s:
+            raise ConfigError(f"back-off {base_delay_s} s .. {max_delay_s} s is not valid",
+                              "need 0 < base_delay_s <= max_delay_s")
+        self.db_path = Path(db_path)
+        self.local_ae_title = local_ae_title
+        self.metrics = metrics
+        self.audit = audit
+        self.base_delay_s = float(base_delay_s)
+        self.max_delay_s = float(max_delay_s)
+        self.max_refusals = int(max_refusals)
+        self.batch_size = int(batch_size)
+        self.on_job_done = on_job_done
+        self._rng = random.Random()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._workers: dict[str, threading.Thread] = {}
+        self._wake: dict[str, threading.Event] = {}
+        self._assocs: dict[str, Any] = {}
+        self._running = False
+        self._local = threading.local()
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn().executescript(_SCHEMA)
+        self._update_pending_gauge()
+
+    # ------------------------------------------------------------------ storage
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection (autocommit, WAL, synchronous=FULL, 30 s busy timeout)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    def _db(self) -> "_Tx":
+        """A write transaction on this thread's connection: ``with self._db() as db: ...``."""
+        return _Tx(self._conn())
+
+    def _query(self, sql: str, args: Iterable = ()) -> list[tuple]:
+        return self._conn().execute(sql, tuple(args)).fetchall()
+
+    def _update_pending_gauge(self) -> None:
+        if self.metrics is not None and hasattr(self.metrics, "outbox_pending"):
+            (n,), = self._query("SELECT count(*) FROM outbox WHERE state='pending'")
+            self.metrics.outbox_pending.set(n)
+
+    # ------------------------------------------------------------------ public API
+    def enqueue(self, job_id: str, destination: Destination, paths: list[Path]) -> None:
+        """Put ``paths`` (DICOM Part 10 files) in the outbox for ``destination``, durably.
+
+        Idempotent per (job_id, destination): files already there keep their state, so calling
+        it twice sends once. Files of that (job, destination) that had failed are set pending
+        again (this is how a job's dispatch is retried). Raises ``ValueError`` naming the file
+        when one is not a readable DICOM file with SOP class, SOP instance and transfer syntax.
+        """
+        from pydicom.filereader import read_file_meta_info
+
+        rows = []
+        for p in paths:
+            p = Path(p).resolve()
+            try:
+                meta = read_file_meta_info(p)
+                row = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID),
+                       str(meta.MediaStorageSOPInstanceUID))
+            except Exception as err:
+                raise ValueError(f"cannot dispatch {p}: not a DICOM Part 10 file with file meta "
+                                 f"information ({type(err).__name__}: {err}); the writer must "
+                                 "produce complete files") from err
+            rows.append((str(p),) + row)
+        now = time.time()
+        with self._db() as db:
+            db.execute("INSERT INTO outbox_destination(name, config_json, updated_at) VALUES (?,?,?) "
+                       "ON CONFLICT(name) DO UPDATE SET config_json=excluded.config_json, "
+                       "updated_at=excluded.updated_at",
+                       (destination.name, json.dumps(asdict(destination)), now))
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox(job_id, destination, path, sop_class_uid, "
+                "transfer_syntax_uid, sop_instance_uid, state, next_attempt_at, created_at) "
+                "VALUES (?,?,?,?,?,?,'pending',?,?)",
+                [(job_id, destination.name, p, c, t, s, now, now) for p, c, t, s in rows])
+            db.execute("UPDATE outbox SET state='pending', attempts=0, refusals=0, next_attempt_at=?, "
+                       "last_error=NULL WHERE job_id=? AND destination=? AND state='failed'",
+                       (now, job_id, destination.name))
+        self._update_pending_gauge()
+        if self.audit is not None:
+            self.audit.record("dispatch_queued", job_id=job_id, destination=destination.name,
+                              instances=len(rows))
+        if self._running:
+            self._ensure_worker(destination.name)
+            self._wake[destination.name].set()
+
+    def start(self) -> None:
+        """Start one worker per destination with pending files (and later ones on enqueue)."""
+        with self._lock:
+            if self._running:
+                return
+            self._stop.clear()
+            self._running = True
+        for (name,) in self._query("SELECT DISTINCT destination FROM outbox WHERE state='pending'"):
+            self._ensure_worker(name)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop every worker promptly: open associations are aborted, unsent files stay pending."""
+        with self._lock:
+            self._running = False
+            self._stop.set()
+            for ev in self._wake.values():
+                ev.set()
+            for assoc in list(self._assocs.values()):
+                try:
+                    assoc.abort()
+                except Exception:  # already gone
+                    pass
+            workers = list(self._workers.values())
+        deadline = time.monotonic() + timeout_s
+        for t in workers:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._workers = {k: t for k, t in self._workers.items() if t.is_alive()}
+
+    def pending(self) -> int:
+        """Files still to be delivered (all jobs, all destinations)."""
+        (n,), = self._query("SELECT count(*) FROM outbox WHERE state='pending'")
+        return n
+
+    def job_dispatched(self, job_id: str) -> bool:
+        """True when every destination of ``job_id`` has every file (False if none was enqueued)."""
+        (total, sent), = self._query(
+            "SELECT count(*), coalesce(sum(state='sent'), 0) FROM outbox WHERE job_id=?", (job_id,))
+        return total > 0 and total == sent
+
+    def job_state(self, job_id: str) -> str:
+        """``"unknown"`` (nothing enqueued), ``"pending"`` (something still to try), ``"failed"``
+        (nothing left to try and some file was given up) or ``"sent"`` (everything delivered)."""
+        states = {s for (s,) in self._query("SELECT DISTINCT state FROM outbox WHERE job_id=?", (job_id,))}
+        if not states:
+            return "unknown"
+        if "pending" in states:
+            return "pending"
+        return "failed" if "failed" in states else "sent"
+
+    def job_failures(self, job_id: str) -> list[str]:
+        """One line per failed file of ``job_id``: destination, file, SOP instance and why."""
+        return [f"{d}: {Path(p).name} (SOP instance {u}): {e}" for d, p, u, e in self._query(
+            "SELECT destination, path, sop_instance_uid, last_error FROM outbox "
+            "WHERE job_id=? AND state='failed' ORDER BY destination, path", (job_id,))]
+
+    def __enter__(self) -> "Dispatcher":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ workers
+    def _ensure_worker(self, name: str) -> None:
+        with self._lock:
+            if not self._running:
+                return
+            self._wake.setdefault(name, threading.Event())
+            t = self._workers.get(name)
+            if t is not None and t.is_alive():
+                return
+            t = threading.Thread(target=self._worker, args=(name,), name=f"qsmnode-dispatch-{name}",
+                                 daemon=True)
+            self._workers[name] = t
+            t.start()
+
+    def _destination(self, name: str) -> Destination:
+        (cfg,), = self._query("SELECT config_json FROM outbox_destination WHERE name=?", (name,))
+        return Destination(**json.loads(cfg))
+
+    def _worker(self, name: str) -> None:
+        wake = self._wake[name]
+        while not self._stop.is_set():
+            wake.clear()
+            try:
+                did = self._run_batch(name)
+            except Exception:  # never let a bug kill the worker: log, back off, go on
+                log.exception("dispatch worker %s: unexpected error", name)
+                did = False
+                self._stop.wait(self.base_delay_s)
+            if did:
+                continue
+            rows = self._query("SELECT min(next_attempt_at) FROM outbox WHERE destination=? "
+                               "AND state='pending'", (name,))
+            nxt = rows[0][0] if rows else None
+            wait = 5.0 if nxt is None else min(5.0, max(0.0, nxt - time.time()))
+            wake.wait(wait)
+
+    def _due(self, name: str) -> list[_Item]:
+        rows = self._query(
+            "SELECT rowid, job_id, path, sop_class_uid, transfer_syntax_uid, sop_instance_uid, "
+            "attempts, refusals, created_at FROM outbox WHERE destination=? AND state='pending' "
+            "AND next_attempt_at<=? ORDER BY created_at, job_id, path LIMIT ?",
+            (name, time.time(), self.batch_size))
+        return [_Item(*r) for r in rows]
+
+    def _run_batch(self, name: str) -> bool:
+        items = self._due(name)
+        if not items:
+            return False
+        dest = self._destination(name)
+        t0 = time.monotonic()
+        try:
+            if dest.kind == "dimse":
+                results = self._send_dimse(dest, items)
+            else:
+                results = self._send_stow(dest, items)
+        except _Transient as err:
+            done = err.partial
+            if done:
+                self._record_results(dest, [i for i in items if i.rowid in done], done,
+                                     time.monotonic() - t0)
+            rest = [i for i in items if i.rowid not in done]
+            if rest and not self._stop.is_set():  # stop() aborting is no failure of the destination
+                self._schedule_retry(dest, rest, str(err))
+            return False
+        finally:
+            self._assocs.pop(name, None)
+        self._record_results(dest, items, results, time.monotonic() - t0)
+        return True
+
+    def _schedule_retry(self, dest: Destination, items: list[_Item], reason: str) -> None:
+        attempt = max(i.attempts for i in items) + 1
+        delay = backoff_delay_s(attempt, self.base_delay_s, self.max_delay_s, self._rng)
+        when = time.time() + delay
+        with self._db() as db:
+            db.executemany("UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? "
+                           "WHERE rowid=? AND state='pending'",
+                           [(when, reason, i.rowid) for i in items])
+            # the destination is down for every other pending file too: do not hammer it
+            db.execute("UPDATE outbox SET next_attempt_at=? WHERE destination=? AND state='pending' "
+                       "AND next_attempt_at<?", (when, dest.name, when))
+        if self.metrics is not None:
+            self.metrics.dispatch_retries.labels(destination=dest.name).inc()
+        if self.audit is not None:
+            self.audit.record("dispatch_retry", destination=dest.name, attempt=attempt,
+                              retry_in_s=round(delay, 3), instances=len(items),
+                              job_ids=sorted({i.job_id for i in items}), reason=reason)
+        log.warning("dispatch to %s failed (attempt %d): %s; retrying in %.1f s",
+                    dest.describe(), attempt, reason, delay)
+
+    def _record_results(self, dest: Destination, items: list[_Item],
+                        results: dict[int, str | None], seconds: float) -> None:
+        """``results``: rowid -> None (delivered) or the refusal; rows missing were not tried."""
+        now = time.time()
+        sent, refused, gave_up = [], [], []
+        for i in items:
+            if i.rowid not in results:
+                continue
+            err = results[i.rowid]
+            if err is None:
+                sent.append((now, i.rowid))
+            elif i.refusals + 1 >= self.max_refusals:
+                gave_up.append((f"{err}; refused {i.refusals + 1} times, gave up", i.rowid))
+            else:
+                delay = backoff_delay_s(i.refusals + 1, self.base_delay_s, self.max_delay_s, self._rng)
+                refused.append((now + delay, err, i.rowid))
+        with self._db() as db:
+            db.executemany("UPDATE outbox SET state='sent', sent_at=?, last_error=NULL WHERE rowid=?", sent)
+            db.executemany("UPDATE outbox SET attempts=attempts+1, refusals=refusals+1, "
+                           "next_attempt_at=?, last_error=? WHERE rowid=?", refused)
+            db.executemany("UPDATE outbox SET state='failed', attempts=attempts+1, "
+                           "refusals=refusals+1, last_error=? WHERE rowid=?", gave_up)
+        if self.metrics is not None:
+            m = self.metrics
+            m.stage_seconds.labels(stage="dispatch").observe(seconds)
+            if sent:
+                m.dispatched_instances.labels(destination=dest.name, outcome="sent").inc(len(sent))
+            if gave_up:
+                m.dispatched_instances.labels(destination=dest.name, outcome="failed").inc(len(gave_up))
+            if refused:
+                m.dispatch_retries.labels(destination=dest.name).inc()
+        if refused and self.audit is not None:
+            self.audit.record("dispatch_retry", destination=dest.name, instances=len(refused),
+                              job_ids=sorted({i.job_id for i in items if results.get(i.rowid)}),
+                              reason=refused[0][1])
+        self._update_pending_gauge()
+        for job_id in sorted({i.job_id for i in items}):
+            self._finish_job_if_done(job_id, dest, seconds)
+
+    def _finish_job_if_done(self, job_id: str, dest: Destination, batch_seconds: float) -> None:
+        (total, sent, failed, first, last, attempts), = self._query(
+            "SELECT count(*), coalesce(sum(state='sent'),0), coalesce(sum(state='failed'),0), "
+            "min(created_at), max(sent_at), max(attempts) FROM outbox WHERE job_id=? AND destination=?",
+            (job_id, dest.name))
+        if sent + failed < total:
+            return
+        if failed:
+            reasons = self.job_failures(job_id)
+            if self.audit is not None:
+                self.audit.record("dispatch_failed", job_id=job_id, destination=dest.name,
+                                  failed=failed, sent=sent, reason=reasons[0] if reasons else "")
+            log.error("job %s: %d of %d files could not be delivered to %s: %s", job_id, failed, total,
+                      dest.describe(), reasons[0] if reasons else "")
+        elif self.audit is not None:
+            self.audit.record("sent", job_id=job_id, destination=dest.name, instances=total,
+                              seconds_since_queued=round((last or time.time()) - first, 3),
+                              batch_seconds=round(batch_seconds, 3), failed_attempts=attempts)
+        state = self.job_state(job_id)
+        if state in ("sent", "failed") and self.on_job_done is not None:
+            try:
+                self.on_job_done(job_id, state, "; ".join(self.job_failures(job_id)) or None)
+            except Exception:
+                log.exception("on_job_done callback raised for job %s", job_id)
+
+    # ------------------------------------------------------------------ DIMSE
+    def _contexts(self, items: list[_Item]):
+        from pynetdicom.presentation import build_context
+
+        by_class: dict[str, set[str]] = {}
+        for i in items:
+            by_class.setdefault(i.sop_class_uid, set()).add(i.transfer_syntax_uid)
+        contexts = []
+        for sop_class in sorted(by_class):
+            contexts.append(build_context(sop_class, [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN]))
+            for ts in sorted(by_class[sop_class] - {EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN}):
+                contexts.append(build_context(sop_class, [ts]))  # its own context, so the SCP keeps it
+        return contexts
+
+    def _send_dimse(self, dest: Destination, items: list[_Item]) -> dict[int, str | None]:
+        from pynetdicom import AE
+
+        # at most MAX_CONTEXTS per association: send only the items whose contexts fit
+        contexts = self._contexts(items)
+        if len(contexts) > MAX_CONTEXTS:
+            contexts = contexts[:MAX_CONTEXTS]
+            allowed = {(c.abstract_syntax, ts) for c in contexts for ts in c.transfer_syntax}
+            items = [i for i in items if (i.sop_class_uid, EXPLICIT_VR_LITTLE_ENDIAN) in allowed
+                     or (i.sop_class_uid, i.transfer_syntax_uid) in allowed]
+        ae = AE(ae_title=self.local_ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
+        ae.connection_timeout = min(dest.timeout_s, 10.0)
+        ae.requested_contexts = contexts
+        tls_args = None
+        if dest.tls:
+            tls_args = (dest.ssl_context(), dest.tls_server_hostname or dest.host)
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+        except Exception as err:
+            raise _Transient(f"cannot connect to {dest.describe()}: {type(err).__name__}: {err}") from err
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                raise _Transient(f"{dest.describe()} rejected the association (is our AE title "
+                                 f"{self.local_ae_title!r} allowed there?)")
+            raise _Transient(f"cannot associate with {dest.describe()}: connection refused, "
+                             "aborted or timed out")
+        self._assocs[dest.name] = assoc
+        results: dict[int, str | None] = {}
+        try:
+            self._store_all(dest, assoc, items, results)
+        except _Transient as err:
+            err.partial = dict(results)
+            raise
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            self._assocs.pop(dest.name, None)
+        return results
+
+    def _store_all(self, dest: Destination, assoc, items: list[_Item], results: dict) -> None:
+        """C-STORE each item on ``assoc``, filling ``results`` (rowid -> None or the refusal)."""
+        accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+        for i in items:
+            if self._stop.is_set():
+                break
+            if not Path(i.path).is_file():
+                results[i.rowid] = f"file {i.path} is missing from the node's storage"
+                continue
+            classes = {a for a, _ in accepted}
+            if i.sop_class_uid not in classes:
+                results[i.rowid] = (f"{dest.name} accepted no presentation context for SOP class "
+                                    f"{i.sop_class_uid}")
+                continue
+            try:
+                status = self._c_store(assoc, i, accepted)
+            except (RuntimeError, ConnectionError, OSError) as err:
+                if self._stop.is_set():
+                    break
+                raise _Transient(f"{dest.describe()}: association lost while sending "
+                                 f"({type(err).__name__}: {err})") from err
+            except Exception as err:  # this file cannot be encoded for any accepted context
+                results[i.rowid] = (f"cannot send {Path(i.path).name} in a transfer syntax "
+                                    f"{dest.name} accepts: {type(err).__name__}: {err}")
+                continue
+            if status is None or "Status" not in status:  # empty dataset: no response
+                if not assoc.is_established:
+                    raise _Transient(f"{dest.describe()} dropped the association "
+                                     "(no C-STORE response)")
+                results[i.rowid] = "no C-STORE response within the timeout"
+                continue
+            code = int(getattr(status, "Status", 0xC000))
+            if code == 0x0000 or code in (0xB000, 0xB006, 0xB007, 0x0111):
+                results[i.rowid] = None  # success, warning, or already stored there
+            else:
+                comment = getattr(status, "ErrorComment", "")
+                results[i.rowid] = _status_text(code) + (f": {comment}" if comment else "")
+
+    @staticmethod
+    def _c_store(assoc, item: _Item, accepted: set[tuple[str, str]]):
+        if (item.sop_class_uid, item.transfer_syntax_uid) in accepted or item.transfer_syntax_uid in _UNCOMPRESSED:
+            return assoc.send_c_store(Path(item.path))  # pynetdicom converts between uncompressed syntaxes
+        # compressed file, and the peer did not accept its transfer syntax: send it decompressed
+        import pydicom
+
+        ds = pydicom.dcmread(item.path)
+        ds.decompress()
+        return assoc.send_c_store(ds)
+
+    # ------------------------------------------------------------------ DICOMweb
+    def _send_stow(self, dest: Destination, items: list[_Item]) -> dict[int, str | None]:
+        import pydicom
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        session = requests.Session()
+        if dest.tls_ca_file:
+            session.verify = dest.tls_ca_file
+        if dest.tls_cert_file:
+            session.cert = (dest.tls_cert_file, dest.tls_key_file) if dest.tls_key_file else dest.tls_cert_file
+        client = DICOMwebClient(dest.url, session=session, timeout=dest.timeout_s)
+        client.set_http_retry_params(retry=False)  # we do our own back-off
+        results: dict[int, str | None] = {}
+        todo: list[_Item] = []
+        datasets = []
+        for i in items:
+            try:
+                datasets.append(pydicom.dcmread(i.path))
+                todo.append(i)
+            except FileNotFoundError:
+                results[i.rowid] = f"file {i.path} is missing from the node's storage"
+        chunk = 50  # instances per STOW-RS request: bounded request size
+        for start in range(0, len(todo), chunk):
+            if self._stop.is_set():
+                break
+            part, part_ds = todo[start:start + chunk], datasets[start:start + chunk]
+            try:
+                response = client.store_instances(part_ds)
+                failed = self._stow_failures(response)
+            except requests.HTTPError as err:
+                code = err.response.status_code if err.response is not None else 0
+                if code in (408, 429) or code >= 500 or code == 0:
+                    raise _Transient(f"STOW-RS to {dest.describe()} answered HTTP {code}") from err
+                failed = self._stow_failures_from_body(err.response)
+                if not failed:
+                    failed = {i.sop_instance_uid: f"STOW-RS answered HTTP {code}: "
+                              f"{err.response.text[:200] if err.response is not None else ''}" for i in part}
+            except (requests.ConnectionError, requests.Timeout) as err:
+                raise _Transient(f"cannot reach {dest.describe()}: {type(err).__name__}: {err}") from err
+            for i in part:
+                results[i.rowid] = failed.get(i.sop_instance_uid)
+        return results
+
+    @staticmethod
+    def _stow_failures(response) -> dict[str, str]:
+        out = {}
+        for item in getattr(response, "FailedSOPSequence", []) or []:
+            reason = int(getattr(item, "FailureReason", 0xC000))
+            out[str(item.ReferencedSOPInstanceUID)] = "STOW-RS " + _status_text(reason).replace("C-STORE ", "")
+        return out
+
+    @classmethod
+    def _stow_failures_from_body(cls, response) -> dict[str, str]:
+        if response is None:
+            return {}
+        try:
+            import pydicom
+
+            ds = pydicom.Dataset.from_json(response.json())
+        except Exception:
+            return {}
+        return cls._stow_failures(ds)
+
+
+class _Tx:
+    """``with`` wrapper: BEGIN IMMEDIATE .. COMMIT (ROLLBACK on error) on an autocommit connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
