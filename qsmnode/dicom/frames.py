@@ -1,0 +1,235 @@
+"""One record per 2D image, for classic single-frame instances and Enhanced MR multi-frame ones.
+
+A classic MR Image Storage instance is one image; an Enhanced MR (or Legacy Converted Enhanced
+MR) instance holds many frames whose geometry, echo time, image component and rescale live in
+the Shared and Per-frame Functional Groups (PS3.3 C.7.6.16, C.8.13.5). :func:`image_records`
+flattens both into :class:`ImageRecord` so that the loader groups and sorts them alike.
+
+Header only: nothing here touches pixel data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from qsmnode.dicom import vendors
+
+ENHANCED_MR_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
+})
+CLASSIC_MR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One 2D image: a classic instance (``frame is None``) or one frame (0-based) of an
+    enhanced instance. Units: mm for geometry, ms for ``echo_time_ms``."""
+
+    frame: int | None
+    position: tuple[float, float, float]
+    orientation: tuple[float, ...]
+    pixel_spacing: tuple[float, float]
+    echo_time_ms: float | None
+    echo_number: int | None
+    component: str | None
+    component_rule: str
+    slope: float
+    intercept: float
+    image_type: tuple[str, ...]
+    units: str | None  # Real World Value Mapping units code (e.g. 'Hz'), when present
+
+
+def is_enhanced(ds: Dataset) -> bool:
+    return str(ds.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES or (
+        "PerFrameFunctionalGroupsSequence" in ds)
+
+
+def _first(seq_owner, keyword):
+    seq = seq_owner.get(keyword) if seq_owner is not None else None
+    if seq:
+        return seq[0]
+    return None
+
+
+def _fg(per_frame: Dataset | None, shared: Dataset | None, keyword: str) -> Dataset | None:
+    """The functional group item ``keyword`` from the per-frame item, else the shared one."""
+    item = _first(per_frame, keyword)
+    return item if item is not None else _first(shared, keyword)
+
+
+def _floats(values, n: int | None = None) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    try:
+        out = tuple(float(v) for v in (values if hasattr(values, "__len__") and not isinstance(values, str) else [values]))
+    except (TypeError, ValueError):
+        return None
+    if n is not None and len(out) != n:
+        return None
+    return out
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        if value is None or value == "":
+            return None
+        if hasattr(value, "__len__") and not isinstance(value, str):
+            value = value[0]
+        return int(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def ge_image_type_code(ds: Dataset):
+    """GE private (0043,102F) image type (0 mag, 1 phase, 2 real, 3 imaginary), or None."""
+    try:
+        return ds.get_private_item(0x0043, 0x2F, "GEMS_PARM_01").value
+    except (KeyError, AttributeError):
+        pass
+    elem = ds.get((0x0043, 0x102F))
+    return elem.value if elem is not None else None
+
+
+def classic_component(ds: Dataset, vendor: str) -> tuple[str | None, str]:
+    """Image component of a classic instance: GE private tag, ComplexImageComponent, ImageType."""
+    if vendor == "ge":
+        code = ge_image_type_code(ds)
+        if code is not None:
+            comp = vendors.ge_component(code if not isinstance(code, bytes) else int.from_bytes(code[:2], "little", signed=True))
+            if comp:
+                return comp, f"ge: component '{comp}' from private (0043,102F) = {code}"
+    comp = vendors.component_from_word(ds.get("ComplexImageComponent"))
+    if comp:
+        return comp, f"{vendor}: component '{comp}' from ComplexImageComponent"
+    return vendors.component_from_image_type(ds.get("ImageType"), vendor)
+
+
+def _units(item: Dataset | None) -> str | None:
+    if item is None:
+        return None
+    units = _first(item, "MeasurementUnitsCodeSequence")
+    if units is not None and units.get("CodeValue"):
+        return str(units.CodeValue)
+    return None
+
+
+def image_records(ds: Dataset, vendor: str) -> list[ImageRecord]:
+    """Records for every image of ``ds`` (header only)."""
+    if not is_enhanced(ds):
+        comp, rule = classic_component(ds, vendor)
+        te = ds.get("EchoTime")
+        return [ImageRecord(
+            frame=None,
+            position=_floats(ds.get("ImagePositionPatient"), 3) or (0.0, 0.0, 0.0),
+            orientation=_floats(ds.get("ImageOrientationPatient"), 6) or (),
+            pixel_spacing=_floats(ds.get("PixelSpacing"), 2) or (1.0, 1.0),
+            echo_time_ms=float(te) if te not in (None, "") else None,
+            echo_number=_int_or_none(ds.get("EchoNumbers")),
+            component=comp,
+            component_rule=rule,
+            slope=float(ds.get("RescaleSlope", 1) or 1),
+            intercept=float(ds.get("RescaleIntercept", 0) or 0),
+            image_type=tuple(str(t) for t in (ds.get("ImageType") or [])),
+            units=_units(_first(ds, "RealWorldValueMappingSequence")),
+        )]
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    per_frames = ds.get("PerFrameFunctionalGroupsSequence") or []
+    top_comp = vendors.component_from_word(ds.get("ComplexImageComponent"))
+    records = []
+    for index, pf in enumerate(per_frames):
+        pos = _fg(pf, shared, "PlanePositionSequence")
+        ori = _fg(pf, shared, "PlaneOrientationSequence")
+        meas = _fg(pf, shared, "PixelMeasuresSequence")
+        echo = _fg(pf, shared, "MREchoSequence")
+        ftype = _fg(pf, shared, "MRImageFrameTypeSequence")
+        pvt = _fg(pf, shared, "PixelValueTransformationSequence")
+        rwv = _fg(pf, shared, "RealWorldValueMappingSequence")
+        frame_type = tuple(str(t) for t in ((ftype.get("FrameType") if ftype is not None else None) or []))
+        comp = vendors.component_from_word(ftype.get("ComplexImageComponent") if ftype is not None else None)
+        rule = f"{vendor}: component '{comp}' from per-frame ComplexImageComponent" if comp else ""
+        if comp is None or comp == "mixed":
+            c2, r2 = vendors.component_from_image_type(frame_type, vendor)
+            if c2:
+                comp, rule = c2, r2
+        if comp is None and top_comp and top_comp != "mixed":
+            comp, rule = top_comp, f"{vendor}: component '{top_comp}' from ComplexImageComponent"
+        te = echo.get("EffectiveEchoTime") if echo is not None else None
+        slope = pvt.get("RescaleSlope") if pvt is not None else ds.get("RescaleSlope")
+        intercept = pvt.get("RescaleIntercept") if pvt is not None else ds.get("RescaleIntercept")
+        records.append(ImageRecord(
+            frame=index,
+            position=_floats(pos.get("ImagePositionPatient") if pos is not None else None, 3) or (0.0, 0.0, 0.0),
+            orientation=_floats(ori.get("ImageOrientationPatient") if ori is not None else None, 6) or (),
+            pixel_spacing=_floats(meas.get("PixelSpacing") if meas is not None else None, 2) or (1.0, 1.0),
+            echo_time_ms=float(te) if te not in (None, "") else None,
+            echo_number=None,  # enhanced frames are matched to echoes by EffectiveEchoTime
+            component=comp,
+            component_rule=rule,
+            slope=float(slope if slope not in (None, "") else 1.0),
+            intercept=float(intercept if intercept not in (None, "") else 0.0),
+            image_type=frame_type,
+            units=_units(rwv),
+        ))
+    return records
+
+
+def imaging_frequency_mhz(ds: Dataset) -> float | None:
+    """ImagingFrequency (MHz): top level (classic), else TransmitterFrequency in the MR Imaging
+    Modifier functional group (Enhanced MR), else Philips' private per-frame copy."""
+    value = ds.get("ImagingFrequency")
+    if value not in (None, ""):
+        return float(value)
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    per_frames = ds.get("PerFrameFunctionalGroupsSequence") or []
+    for owner in [shared] + list(per_frames[:1]):
+        mod = _first(owner, "MRImagingModifierSequence")
+        if mod is not None and mod.get("TransmitterFrequency") not in (None, ""):
+            freq = mod.TransmitterFrequency
+            freq = freq[0] if hasattr(freq, "__len__") and not isinstance(freq, str) else freq
+            return float(freq)
+        if owner is not None:
+            for elem in owner:  # Philips keeps a classic copy in a private sequence (2005,140F)
+                if elem.tag.is_private and elem.VR == "SQ" and elem.value:
+                    inner = elem.value[0]
+                    if inner.get("ImagingFrequency") not in (None, ""):
+                        return float(inner.ImagingFrequency)
+    return None
+
+
+def acquisition_attributes(ds: Dataset) -> dict:
+    """Acquisition-level attributes that every image of one acquisition shares (classic or
+    enhanced): TR (ms), flip angle (deg), acquisition type, slice thickness (mm)."""
+    tr = ds.get("RepetitionTime")
+    flip = ds.get("FlipAngle")
+    thickness = ds.get("SliceThickness")
+    if is_enhanced(ds):
+        shared = _first(ds, "SharedFunctionalGroupsSequence")
+        per = (ds.get("PerFrameFunctionalGroupsSequence") or [None])[0]
+        timing = _fg(per, shared, "MRTimingAndRelatedParametersSequence")
+        if timing is not None:
+            tr = timing.get("RepetitionTime", tr)
+            flip = timing.get("FlipAngle", flip)
+        meas = _fg(per, shared, "PixelMeasuresSequence")
+        if meas is not None:
+            thickness = meas.get("SliceThickness", thickness)
+
+    def num(v):
+        try:
+            return None if v in (None, "") else float(v)
+        except (TypeError, ValueError):
+            return None
+
+    return {
+        "repetition_time_ms": num(tr),
+        "flip_angle_deg": num(flip),
+        "acquisition_type": str(ds.get("MRAcquisitionType", "") or ""),
+        "slice_thickness_mm": num(thickness),
+    }
+
+
+def is_pydicom_dataset(obj) -> bool:
+    return isinstance(obj, pydicom.Dataset)
