@@ -33,6 +33,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
 import qsmnode
 from qsmnode.dicom import uids
+from qsmnode.errors import InputRefused
 
 MANUFACTURER = "qsmnode"
 CLASSIC_KINDS = ("QSM", "SWI", "MINIP", "R2STAR")
@@ -422,9 +423,14 @@ def build_output_datasets(
     from qsmnode.report.sr import build_measurement_report
     from qsmnode.report.summary_image import build_summary_images
 
-    if acquisition.header.get("FrameOfReferenceUID") is None:
-        raise ValueError("the acquisition header has no FrameOfReferenceUID; outputs cannot "
-                         "be placed on the source geometry")
+    if not acquisition.header.get("FrameOfReferenceUID"):
+        raise InputRefused(
+            "the source series has no FrameOfReferenceUID, so derived images cannot be placed "
+            "on its geometry",
+            "send the original scanner series (with the Frame of Reference module)")
+    if not acquisition.header.get("StudyInstanceUID"):
+        raise InputRefused("the source series has no StudyInstanceUID, so outputs cannot be "
+                           "filed into its study", "send the original scanner series")
     when = _dt.datetime.now()
     software_version = str(software_version)
     stored = classic_stored_arrays(result)

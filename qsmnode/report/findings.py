@@ -4,24 +4,28 @@ QSM separates what SWI cannot: haemosiderin in a cerebral microbleed is strongly
 (positive susceptibility), a calcification is diamagnetic (negative). Deoxygenated venous blood
 is paramagnetic too, so veins must not be reported as microbleeds; they are told apart by shape.
 
-Method (connected components and shape, after the "compact focus" definition of microbleeds,
-Greenberg SM et al., Lancet Neurol 2009;8:165-174 -- round/ovoid, <= 10 mm; QSM sign
-discrimination after Chen W et al., Radiology 2014;270:496-505; vein rejection by principal-axis
-elongation, as in Frangi AF et al., MICCAI 1998 tube/blob eigenvalue reasoning):
+Method (compact-focus definition of microbleeds: round/ovoid, <= 10 mm, Greenberg SM et al.,
+Lancet Neurol 2009;8:165-174; sign discrimination by QSM: Chen W et al., Radiology
+2014;270:496-505; blob/tube eigenvalue reasoning: Frangi AF et al., MICCAI 1998, LNCS 1496):
 
-1. Search inside the brain mask eroded by ``edge_margin_mm`` (the mask edge carries residual
-   background field). For each sign ``s`` (+1 paramagnetic, -1 diamagnetic) take
-   ``x = s * chi_ppm`` and a threshold ``t = max(threshold_ppm, noise_factor * sigma)``, with
-   ``sigma`` the robust (MAD) spread of the map in the search mask.
-2. Connected components (6-connectivity) of ``x > t``.
-3. A component is *compact* when its value-weighted principal-axis elongation
-   ``sqrt(l_max / l_min)`` (covariance in mm^2, plus the voxel's own extent ``d^2/12`` per axis)
-   is at most ``max_elongation`` and its equivalent-sphere diameter is at most
-   ``max_diameter_mm``. Compact components are foci.
+1. Contrast: ``c = chi - local background`` (normalised Gaussian convolution over the mask,
+   sigma ``background_sigma_mm``), so a focus is measured against the tissue around it.
+   Search inside the mask eroded by ``edge_margin_mm`` (the mask edge carries residual
+   background field). For each sign ``s`` (+1 paramagnetic, -1 diamagnetic), ``x = s * c``.
+2. Connected components (6-connectivity) of ``x > t``, ``t = max(threshold_ppm,
+   noise_factor * sigma)`` with ``sigma`` the robust (MAD) spread of ``c`` in the search mask;
+   a component's most extreme voxel must exceed ``peak_threshold_ppm``.
+3. A component is a focus when it is small (equivalent-sphere diameter <= ``max_diameter_mm``),
+   compact (value-weighted principal-axis elongation ``sqrt(l_max / l_min)`` <=
+   ``max_elongation``) and blob-like: at the maximum of ``x`` smoothed at ``blob_scales_mm``
+   the Hessian eigenvalues are all negative with ``min|l| / max|l| >= min_blob_ratio``. A tube
+   (vein) has no curvature along its axis, so a short above-threshold fragment of a vein --
+   for example one bead of a thin vein sampled on a coarse grid -- fails this test even though
+   the fragment alone looks round.
 4. Elongated or large components (veins, deep grey-matter nuclei, or a bleed touching a vein)
    are searched for embedded nodules: voxels above ``nodule_contrast`` times the component's
-   median value; compact sub-components of those are foci. A tube of uniform susceptibility has
-   no such nodule, so vein segments are not reported.
+   median contrast; the sub-components that pass step 3 are foci. A tube of uniform
+   susceptibility has no such nodule, so vein segments are not reported.
 
 Everything is a *candidate*: the report words them as needing a reader's confirmation.
 """
@@ -95,17 +99,61 @@ def _robust_sigma(values: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(values - med)))
 
 
+def local_contrast_ppm(chi_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm,
+                       background_sigma_mm: float = 5.0) -> np.ndarray:
+    """``chi - local background`` inside ``mask`` (ppm); 0 outside.
+
+    The background is the Gaussian-weighted mean of ``chi`` over the mask (normalised
+    convolution, sigma ``background_sigma_mm``), so a focus is measured against the tissue
+    around it (white matter is about -0.03 ppm, not 0).
+    """
+    m = np.asarray(mask, dtype=np.float32)
+    sigma = background_sigma_mm / np.asarray(voxel_size_mm, dtype=np.float64)
+    num = ndimage.gaussian_filter(np.asarray(chi_ppm, dtype=np.float32) * m, sigma, mode="constant")
+    den = ndimage.gaussian_filter(m, sigma, mode="constant")
+    background = num / np.maximum(den, 1e-3)
+    return np.where(mask, chi_ppm - background, 0.0).astype(np.float32)
+
+
+def hessian_blob_ratio(x: np.ndarray, region: np.ndarray, sigma_vox) -> float:
+    """Blob-versus-tube measure of the bright structure ``region`` in ``x``: at the maximum of
+    ``x`` smoothed with ``sigma_vox`` (voxels) inside ``region``, ``min|l| / max|l|`` of the
+    Hessian eigenvalues if all are negative (a local maximum), else 0. About 1 for a sphere,
+    about 0 for a tube (no curvature along its axis) -- the eigenvalue reasoning of
+    Frangi AF et al., MICCAI 1998.
+    """
+    smooth = ndimage.gaussian_filter(x, sigma_vox, mode="nearest")
+    candidates = np.where(region, smooth, -np.inf)
+    idx = np.unravel_index(int(np.argmax(candidates)), x.shape)
+    h = np.empty((3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            order = [0, 0, 0]
+            order[a] += 1
+            order[b] += 1
+            d = ndimage.gaussian_filter(x, sigma_vox, order=order, mode="nearest")
+            h[a, b] = h[b, a] = d[idx]
+    eig = np.linalg.eigvalsh(h)
+    if eig.max() >= 0:
+        return 0.0
+    mags = np.abs(eig)
+    return float(mags.min() / mags.max())
+
+
 def find_foci(
     chi_ppm: np.ndarray,
     mask: np.ndarray,
     voxel_size_mm,
     *,
-    threshold_ppm: float = 0.2,
-    noise_factor: float = 5.0,
+    threshold_ppm: float = 0.1,
+    peak_threshold_ppm: float = 0.15,
+    noise_factor: float = 4.0,
     max_elongation: float = 2.2,
-    max_diameter_mm: float = 12.0,
-    min_voxels: int = 2,
+    max_diameter_mm: float = 10.0,
+    min_blob_ratio: float = 0.6,
+    blob_scales_mm: tuple[float, ...] = (2.0,),
     nodule_contrast: float = 1.5,
+    background_sigma_mm: float = 5.0,
     edge_margin_mm: float = 2.0,
 ) -> list[Focus]:
     """Compact paramagnetic and diamagnetic foci in a susceptibility map (see module doc).
@@ -115,16 +163,22 @@ def find_foci(
     chi_ppm : float ``[i, j, k]`` susceptibility in ppm.
     mask : bool ``[i, j, k]`` brain mask.
     voxel_size_mm : voxel size along (i, j, k) in mm.
-    threshold_ppm : minimum |susceptibility| of a focus voxel, ppm.
-    noise_factor : the threshold is raised to this many robust standard deviations of the map.
+    threshold_ppm : a focus is the connected region whose contrast to the local background
+        exceeds this (raised to ``noise_factor`` robust SDs of the contrast map), ppm.
+    peak_threshold_ppm : its most extreme voxel must exceed this contrast, ppm.
     max_elongation : largest principal-axis ratio of a focus (a vein segment is larger).
-    max_diameter_mm : largest equivalent-sphere diameter of a focus, mm.
-    min_voxels : smallest focus, voxels.
-    nodule_contrast : inside an elongated/large component, a nodule must exceed this multiple of
-        the component's median value.
+    max_diameter_mm : largest equivalent-sphere diameter of a focus (microbleeds: <= 10 mm).
+    min_blob_ratio : smallest Hessian ``min|l|/max|l|`` at the focus peak (tube ~0, blob ~1),
+        at every scale of ``blob_scales_mm`` (the larger scale bridges the beads of a thin
+        vein sampled on a coarse grid, which look like isolated dots at the voxel scale).
+    nodule_contrast : inside an elongated/large region, a nodule must exceed this multiple of
+        the region's median contrast.
+    background_sigma_mm : scale of the local background (see :func:`local_contrast_ppm`).
     edge_margin_mm : the mask is eroded by this much before searching.
 
-    Returns the foci, paramagnetic first, each list sorted by decreasing |peak|.
+    Returns the foci, paramagnetic first, each kind sorted by decreasing |peak|. Reported
+    ``mean_ppm``/``peak_ppm`` are susceptibilities (not contrasts), so their sign is the sign
+    of the tissue.
     """
     chi = np.asarray(chi_ppm, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool)
@@ -139,31 +193,42 @@ def find_foci(
         search = ndimage.binary_erosion(mask, _STRUCTURE_6, iterations=n_erode)
     if not search.any():
         return []
-    sigma = _robust_sigma(chi[search])
+    contrast = local_contrast_ppm(chi, mask, vox, background_sigma_mm)
+    sigma = _robust_sigma(contrast[search])
     threshold = max(float(threshold_ppm), noise_factor * sigma)
+    peak_threshold = max(float(peak_threshold_ppm), threshold)
+    sigma_vox = [float(scale) / vox for scale in blob_scales_mm]
+    margin = np.ceil(3 * np.max(sigma_vox, axis=0)).astype(int)
+    params = dict(max_elongation=max_elongation, max_diameter_mm=max_diameter_mm,
+                  peak_threshold=peak_threshold, min_blob_ratio=min_blob_ratio,
+                  sigma_vox=sigma_vox, vox=vox, voxel_volume=voxel_volume)
 
     foci: list[Focus] = []
     for sign, kind in ((1.0, "paramagnetic"), (-1.0, "diamagnetic")):
-        x = np.where(search, sign * chi, 0.0).astype(np.float32)
-        labels, n = ndimage.label(x > threshold, structure=_STRUCTURE_6)
+        x = np.where(search, sign * contrast, 0.0).astype(np.float32)
+        labels, _ = ndimage.label(x > threshold, structure=_STRUCTURE_6)
         found: list[Focus] = []
         for index, slc in enumerate(ndimage.find_objects(labels), start=1):
             if slc is None:
                 continue
-            offset = np.array([s.start for s in slc])
-            region = labels[slc] == index
-            values = x[slc]
-            focus = _compact_focus(region, values, offset, vox, voxel_volume, sign, kind,
-                                   max_elongation, max_diameter_mm, min_voxels)
+            # a box around the region, with room for the Hessian's smoothing
+            box = tuple(slice(max(0, s.start - m), min(n, s.stop + m))
+                        for s, m, n in zip(slc, margin, x.shape))
+            offset = np.array([b.start for b in box])
+            region = labels[box] == index
+            xb = x[box]
+            chib = sign * chi[box]
+            focus = _compact_focus(region, xb, chib, offset, sign, kind, **params)
             if focus is not None:
                 found.append(focus)
                 continue
+            if region.sum() < 2:
+                continue
             # Elongated or large: look for nodules standing out of the structure.
-            level = max(threshold, nodule_contrast * float(np.median(values[region])))
-            sub_labels, n_sub = ndimage.label(region & (values > level), structure=_STRUCTURE_6)
+            level = max(threshold, nodule_contrast * float(np.median(xb[region])))
+            sub_labels, n_sub = ndimage.label(region & (xb > level), structure=_STRUCTURE_6)
             for sub in range(1, n_sub + 1):
-                focus = _compact_focus(sub_labels == sub, values, offset, vox, voxel_volume,
-                                       sign, kind, max_elongation, max_diameter_mm, min_voxels)
+                focus = _compact_focus(sub_labels == sub, xb, chib, offset, sign, kind, **params)
                 if focus is not None:
                     found.append(focus)
         found.sort(key=lambda f: -abs(f.peak_ppm))
@@ -171,27 +236,35 @@ def find_foci(
     return foci
 
 
-def _compact_focus(region, values, offset, vox, voxel_volume, sign, kind,
-                   max_elongation, max_diameter_mm, min_voxels) -> Focus | None:
+def _compact_focus(region, x, chi_signed, offset, sign, kind, *, max_elongation,
+                   max_diameter_mm, peak_threshold, min_blob_ratio, sigma_vox, vox,
+                   voxel_volume) -> Focus | None:
+    """``region`` (bool, in the box) as a Focus if it passes every test, else None.
+    ``x``: signed contrast (bright = the focus' sign) in the box; ``chi_signed``: sign * chi."""
     coords = np.argwhere(region)
     n = coords.shape[0]
-    if n < min_voxels:
+    if n == 0:
+        return None
+    v = x[region].astype(np.float64)
+    if v.max() < peak_threshold:
         return None
     volume = n * voxel_volume
     diameter = float((6.0 * volume / np.pi) ** (1.0 / 3.0))
     if diameter > max_diameter_mm:
         return None
-    v = values[region].astype(np.float64)
     elongation = principal_axis_elongation(coords, v, vox)
     if elongation > max_elongation:
         return None
+    if any(hessian_blob_ratio(x, region, sv) < min_blob_ratio for sv in sigma_vox):
+        return None
     centroid = (coords * (v / v.sum())[:, None]).sum(axis=0) + offset
+    c = chi_signed[region].astype(np.float64)
     return Focus(
         kind=kind,
-        centroid_ijk=tuple(float(c) for c in centroid),
+        centroid_ijk=tuple(float(q) for q in centroid),
         volume_mm3=float(volume),
-        mean_ppm=float(sign * v.mean()),
-        peak_ppm=float(sign * v.max()),
+        mean_ppm=float(sign * c.mean()),
+        peak_ppm=float(sign * c.max()),
         elongation=elongation,
         equivalent_diameter_mm=diameter,
         n_voxels=int(n),
