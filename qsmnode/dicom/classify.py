@@ -199,10 +199,14 @@ def classify_instance(ds: Dataset) -> InstanceInfo:
     try:
         records = frames.image_records(ds, vendor)
     except Exception as err:  # a broken functional group: refuse, do not crash the tracker
-        records = []
-        broken = f"unreadable image header ({type(err).__name__}: {err}); re-export the series"
-    else:
-        broken = None
+        return classify_records(ds, vendor, [], broken=(
+            f"unreadable image header ({type(err).__name__}: {err}); re-export the series"))
+    return classify_records(ds, vendor, records)
+
+
+def classify_records(ds: Dataset, vendor: str, records: list[frames.ImageRecord],
+                     broken: str | None = None) -> InstanceInfo:
+    """:func:`classify_instance` for a header whose image records were already extracted."""
     comps = {r.component for r in records}
     if len(comps) == 1:
         component = next(iter(comps))

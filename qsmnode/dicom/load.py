@@ -1,0 +1,523 @@
+"""Vendor-aware loading of multi-echo GRE DICOM into :class:`qsmnode.acquisition.Acquisition`.
+
+Steps (one pass over the headers, then one decode of the pixels that are used):
+
+1. read every file once with large elements deferred (pixel data, vendor blobs are read only
+   when used); classify each instance (:func:`qsmnode.dicom.classify.classify_instance`);
+2. group images into acquisitions by ``acquisition_key`` (frame of reference, orientation,
+   pixel spacing, matrix, acquisition timing) and then by slice position and echo time, never by
+   series/study UIDs or descriptions: magnitude and phase series, real and imaginary images and
+   vendor exports with a study UID per volume come together;
+3. check completeness (every slice x echo x component exactly once, ImagesInAcquisition, slice
+   spacing, collinear slices) and refuse with a reason otherwise;
+4. decode pixels, apply the vendor rules (rescale, phase scaling to radians, phase sign,
+   GE alternate-slice pi offset) and return the complex signal on the array axes of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from qsmnode.acquisition import Acquisition, SourceReference, b0_tesla_from_frequency
+from qsmnode.dicom import classify, frames, geometry, vendors
+from qsmnode.errors import InputRefused
+
+#: elements larger than this are read from disk only when used (pixel data, CSA headers)
+DEFER_SIZE_BYTES = 2048
+
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}
+_HEADER_SKIP = {"PixelData", "FloatPixelData", "DoubleFloatPixelData",
+                "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"}
+
+
+@dataclass
+class _Instance:
+    label: str
+    ds: Dataset
+    info: classify.InstanceInfo
+    records: list[frames.ImageRecord]
+    pixels: np.ndarray | None = None  # stored values (frames, rows, cols), decoded once
+
+
+@dataclass
+class _Group:
+    key: str
+    items: list[tuple[_Instance, frames.ImageRecord]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- reading
+
+def _iter_sources(sources) -> Iterable[tuple[str, object]]:
+    if isinstance(sources, (str, os.PathLike, Dataset)):
+        sources = [sources]
+    for src in sources:
+        if isinstance(src, Dataset):
+            yield str(src.get("SOPInstanceUID", "dataset")), src
+            continue
+        path = Path(src)
+        if path.is_dir():
+            for sub in sorted(p for p in path.rglob("*") if p.is_file()):
+                yield str(sub), sub
+        elif path.is_file():
+            yield str(path), path
+        else:
+            raise InputRefused(f"no such file or folder: {path}", "give existing DICOM files or folders")
+
+
+def _read(path: Path) -> Dataset | None:
+    if path.name.upper() == "DICOMDIR":
+        return None
+    try:
+        return pydicom.dcmread(path, defer_size=DEFER_SIZE_BYTES)
+    except (InvalidDicomError, EOFError, IsADirectoryError):
+        return None
+    except Exception:  # truncated or corrupt file: not DICOM we can use
+        return None
+
+
+def _stored_pixels(ds: Dataset) -> np.ndarray:
+    """Stored pixel values ``(frames, rows, cols)`` without any rescale (decoded once)."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")) if meta is not None else "1.2.840.10008.1.2"
+    bits_alloc = int(ds.get("BitsAllocated", 16))
+    bits_stored = int(ds.get("BitsStored", bits_alloc))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    if ts in _NATIVE_LITTLE_ENDIAN and bits_alloc in (8, 16, 32) and "PixelData" in ds and not (
+            signed and bits_stored < bits_alloc) and int(ds.get("SamplesPerPixel", 1)) == 1:
+        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_alloc // 8}")
+        arr = np.frombuffer(ds.PixelData, dtype=dtype, count=rows * cols * n)
+        return arr.reshape(n, rows, cols)
+    try:
+        arr = ds.pixel_array
+    except Exception as err:
+        raise InputRefused(
+            f"pixel data of {ds.get('SOPInstanceUID', '?')} cannot be decoded ({type(err).__name__}: {err})",
+            "send the series uncompressed or with a lossless transfer syntax this node reads",
+        ) from err
+    return np.asarray(arr).reshape(n, rows, cols)
+
+
+# --------------------------------------------------------------------------- public API
+
+def load_acquisitions(sources) -> list[Acquisition]:
+    """Load every usable multi-echo GRE acquisition from ``sources``.
+
+    ``sources``: iterable of file paths, folders (searched recursively) or pydicom Datasets.
+    Returns the acquisitions found (complex signal ``[i, j, k, echo]``, echo times in s, B0 in T
+    from ImagingFrequency, LPS affine in mm). Raises :class:`InputRefused` naming every reason
+    when none is usable; acquisitions that are refused next to usable ones are skipped.
+    """
+    acquisitions, refusals = _load(sources)
+    if not acquisitions:
+        if not refusals:
+            refusals = ["no DICOM images found"]
+        raise InputRefused(
+            "no usable multi-echo GRE acquisition: " + "; ".join(refusals),
+            "send the complete multi-echo GRE magnitude and phase (or real and imaginary) series",
+        )
+    return acquisitions
+
+
+def load_acquisition(sources) -> Acquisition:
+    """Exactly one usable acquisition from ``sources``, else :class:`InputRefused` saying what
+    was found."""
+    acquisitions = load_acquisitions(sources)
+    if len(acquisitions) > 1:
+        found = "; ".join(
+            f"{a.header.get('SeriesDescription', '?')} ({a.n_echoes} echoes, "
+            f"{'x'.join(str(s) for s in a.shape)}, series {', '.join(a.source_series_uids)})"
+            for a in acquisitions)
+        raise InputRefused(
+            f"{len(acquisitions)} acquisitions found where one was expected: {found}",
+            "send the series of one acquisition at a time",
+        )
+    return acquisitions[0]
+
+
+# --------------------------------------------------------------------------- grouping
+
+def _describe_series(inst: _Instance) -> str:
+    ds = inst.ds
+    return f"series {ds.get('SeriesNumber', '?')} '{ds.get('SeriesDescription', '') or ''}'"
+
+
+def _load(sources) -> tuple[list[Acquisition], list[str]]:
+    instances: list[_Instance] = []
+    seen: set[str] = set()
+    for label, src in _iter_sources(sources):
+        ds = src if isinstance(src, Dataset) else _read(src)
+        if ds is None or "SOPClassUID" not in ds and "Modality" not in ds:
+            continue
+        uid = str(ds.get("SOPInstanceUID", "")) or label
+        if uid in seen:
+            continue  # the same instance twice (e.g. two copies): use it once
+        seen.add(uid)
+        vendor = vendors.vendor_from_manufacturer(ds.get("Manufacturer"))
+        try:
+            records = frames.image_records(ds, vendor)
+        except Exception as err:  # a broken functional group: refused below with the reason
+            records = []
+            info = classify.classify_records(ds, vendor, [], broken=(
+                f"unreadable image header ({type(err).__name__}: {err}); re-export the series"))
+        else:
+            info = classify.classify_records(ds, vendor, records)
+        instances.append(_Instance(label, ds, info, records))
+
+    refusals_by_key: dict[str, list[str]] = defaultdict(list)
+    groups: dict[str, _Group] = {}
+    for inst in instances:
+        if inst.info.refusal:
+            msg = f"{_describe_series(inst)}: {inst.info.refusal}"
+            if msg not in refusals_by_key[inst.info.acquisition_key]:
+                refusals_by_key[inst.info.acquisition_key].append(msg)
+            continue
+        group = groups.setdefault(inst.info.acquisition_key, _Group(inst.info.acquisition_key))
+        group.items.extend((inst, rec) for rec in inst.records)
+
+    acquisitions, refusals = [], []
+    for key in refusals_by_key:
+        if key not in groups:
+            refusals.extend(_merge_reasons(refusals_by_key[key]))
+    for key, group in groups.items():
+        for sub in _split_repeats(group):
+            try:
+                acquisitions.append(_assemble(sub))
+            except InputRefused as err:
+                first = sub.items[0][0]
+                extra = _merge_reasons(refusals_by_key.get(key, []))
+                refusals.append(f"{_describe_series(first)}: {err.reason}"
+                                + (f" ({'; '.join(extra)})" if extra else ""))
+    return acquisitions, refusals
+
+
+def _merge_reasons(messages: list[str]) -> list[str]:
+    """'series 2 'x': R', 'series 3 'y': R' -> 'series 2 'x', series 3 'y': R'."""
+    by_reason: dict[str, list[str]] = {}
+    for msg in messages:
+        where, _, reason = msg.partition(": ")
+        by_reason.setdefault(reason, []).append(where)
+    return [f"{', '.join(wheres)}: {reason}" for reason, wheres in by_reason.items()]
+
+
+def _slot(inst: _Instance, rec: frames.ImageRecord, normal) -> tuple:
+    return (round(float(np.dot(rec.position, normal)), 2), round(rec.echo_time_ms or -1.0, 2), rec.component)
+
+
+def _split_repeats(group: _Group) -> list[_Group]:
+    """Split a group that holds repeated acquisitions of identical geometry by acquisition time."""
+    if not group.items:
+        return []
+    _, _, normal = geometry.orientation_axes(group.items[0][1].orientation)
+    slots = defaultdict(int)
+    for inst, rec in group.items:
+        slots[_slot(inst, rec, normal)] += 1
+    if max(slots.values()) <= 1:
+        return [group]
+    by_time: dict[str, _Group] = {}
+    for inst, rec in group.items:
+        t = str(inst.ds.get("AcquisitionDateTime", "") or "") or (
+            str(inst.ds.get("AcquisitionDate", "") or "") + str(inst.ds.get("AcquisitionTime", "") or ""))
+        by_time.setdefault(t, _Group(group.key + t)).items.append((inst, rec))
+    if len(by_time) > 1:
+        ok = True
+        for sub in by_time.values():
+            counts = defaultdict(int)
+            for inst, rec in sub.items:
+                counts[_slot(inst, rec, normal)] += 1
+            ok &= max(counts.values()) <= 1
+        if ok:
+            return list(by_time.values())
+    return [group]  # _assemble refuses the duplicates with a reason
+
+
+# --------------------------------------------------------------------------- assembly
+
+def _cluster(values: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted cluster centres of 1D ``values`` (gap > tol starts a new cluster) and the index of
+    each value's cluster."""
+    order = np.argsort(values, kind="stable")
+    sorted_v = values[order]
+    new = np.concatenate([[True], np.diff(sorted_v) > tol])
+    ids_sorted = np.cumsum(new) - 1
+    ids = np.empty_like(ids_sorted)
+    ids[order] = ids_sorted
+    centres = np.array([sorted_v[ids_sorted == c].mean() for c in range(ids_sorted[-1] + 1)])
+    return centres, ids
+
+
+def _private(ds: Dataset, group: int, creator: str, element: int):
+    try:
+        return ds.get_private_item(group, element, creator).value
+    except (KeyError, AttributeError):
+        return None
+
+
+def _assemble(group: _Group) -> Acquisition:
+    items = group.items
+    first_inst, first_rec = items[0]
+    vendor = first_inst.info.vendor
+    provenance: list[str] = []
+    warnings: list[str] = []
+
+    # --- geometry of the stack
+    row, col, normal = geometry.orientation_axes(first_rec.orientation)
+    for inst, rec in items:
+        if geometry.orientation_key(rec.orientation) != geometry.orientation_key(first_rec.orientation):
+            raise InputRefused("inconsistent geometry: frames with different orientations in one stack",
+                               "send one acquisition with one slab orientation")
+    if any(rec.echo_time_ms is None for _, rec in items):
+        raise InputRefused("images without an echo time (EchoTime / EffectiveEchoTime)",
+                           "send the original scanner images; the echo time is required")
+    positions = np.array([rec.position for _, rec in items], dtype=np.float64)
+    dist = positions @ normal
+    slice_d, slice_idx = _cluster(dist, 0.01)
+    te_values, echo_idx = _cluster(np.array([rec.echo_time_ms for _, rec in items]), 0.005)
+    n_slices, n_echoes = len(slice_d), len(te_values)
+    if np.any(te_values <= 0):
+        raise InputRefused(f"echo times {list(te_values)} ms include a non-positive value",
+                           "send the original scanner images")
+
+    comps = [rec.component for _, rec in items]
+    present = {c for c in comps}
+    if None in present:
+        raise InputRefused(
+            "cannot tell magnitude from phase for some images (no ImageType M/P, ComplexImageComponent "
+            "or vendor tag)", "send the original scanner images, which carry the image type")
+    counts = {c: np.zeros((n_slices, n_echoes), dtype=np.int32) for c in present}
+    for (inst, rec), k, e in zip(items, slice_idx, echo_idx):
+        counts[rec.component][k, e] += 1
+
+    def complete(c):
+        return c in counts and np.all(counts[c] == 1)
+
+    if {"real", "imaginary"} <= present and complete("real") and complete("imaginary"):
+        pair = ("real", "imaginary")
+        provenance.append(f"{vendor}: real and imaginary images used (preferred over magnitude/phase)")
+    elif {"magnitude", "phase"} <= present:
+        pair = ("magnitude", "phase")
+    elif {"real", "imaginary"} <= present:
+        pair = ("real", "imaginary")
+    elif "magnitude" in present and "phase" not in present:
+        raise InputRefused(
+            f"magnitude without phase ({n_echoes} echo(es), {n_slices} slices, no phase images)",
+            "QSM needs the phase: enable phase (or real/imaginary) image export on the scanner and "
+            "send both series")
+    elif "phase" in present:
+        raise InputRefused("phase without magnitude", "send the magnitude series together with the phase series")
+    else:
+        raise InputRefused(f"no magnitude/phase or real/imaginary pair (found {sorted(present)})",
+                           "send the original multi-echo GRE magnitude and phase series")
+
+    # phase-difference field maps: phase at one echo only, magnitude at several (Siemens fm)
+    if pair == ("magnitude", "phase"):
+        mag_echoes = np.nonzero(counts["magnitude"].sum(axis=0))[0]
+        ph_echoes = np.nonzero(counts["phase"].sum(axis=0))[0]
+        if len(ph_echoes) == 1 and len(mag_echoes) >= 2:
+            raise InputRefused(classify.REFUSAL_PHASE_DIFFERENCE)
+
+    problems = []
+    for c in pair:
+        cnt = counts.get(c, np.zeros((n_slices, n_echoes), np.int32))
+        if np.any(cnt > 1):
+            k, e = np.argwhere(cnt > 1)[0]
+            raise InputRefused(
+                f"{int(cnt.max())} different {c} images for one slice ({slice_d[k]:.2f} mm) and echo "
+                f"(TE {te_values[e]:g} ms): two acquisitions with identical geometry",
+                "send one acquisition (one magnitude and one phase series)")
+        for e in range(n_echoes):
+            missing = np.nonzero(cnt[:, e] == 0)[0]
+            if missing.size == n_slices:
+                problems.append(f"echo {e + 1} (TE {te_values[e]:g} ms) has no {c} images")
+            elif missing.size:
+                where = ", ".join(f"{slice_d[k]:.2f}" for k in missing[:6])
+                problems.append(f"echo {e + 1} (TE {te_values[e]:g} ms) {c}: {missing.size} of "
+                                f"{n_slices} slices missing (at {where}{' ...' if missing.size > 6 else ''} mm)")
+    if problems:
+        raise InputRefused("incomplete acquisition: " + "; ".join(problems),
+                           "send every slice of every echo (wait until the series is complete)")
+
+    # --- completeness against what the headers announce
+    used = [(inst, rec) for inst, rec in items if rec.component in pair]
+    per_series: dict[str, list[_Instance]] = defaultdict(list)
+    for inst in {id(i): i for i, _ in used}.values():
+        per_series[inst.info.series_instance_uid].append(inst)
+    for series_uid, insts in per_series.items():
+        expected = insts[0].info.expected_in_series
+        if expected and not frames.is_enhanced(insts[0].ds):
+            all_in_series = sum(1 for i, _ in {id(i): (i, 0) for i, _ in items}.values()
+                                if i.info.series_instance_uid == series_uid)
+            if all_in_series < expected:
+                raise InputRefused(
+                    f"{_describe_series(insts[0])} holds {all_in_series} of the {expected} images its "
+                    f"header announces (ImagesInAcquisition): missing slices or echoes",
+                    "send the complete series")
+    if vendor == "philips":
+        n_sl = _private(first_inst.ds, 0x2001, "Philips Imaging DD 001", 0x18)
+        n_ec = _private(first_inst.ds, 0x2001, "Philips Imaging DD 001", 0x14)
+        try:
+            if n_sl is not None and int(n_sl) > n_slices:
+                raise InputRefused(f"{int(n_sl) - n_slices} slice(s) missing: the header announces "
+                                   f"{int(n_sl)} slices, {n_slices} received", "send the complete series")
+            if n_ec is not None and int(n_ec) > n_echoes:
+                raise InputRefused(f"echo(es) missing: the header announces {int(n_ec)} echoes, "
+                                   f"{n_echoes} received", "send the complete series")
+        except (TypeError, ValueError):
+            pass
+
+    attrs = frames.acquisition_attributes(first_inst.ds)
+    sorted_positions = np.zeros((n_slices, 3))
+    for (inst, rec), k in zip(items, slice_idx):
+        sorted_positions[k] = rec.position
+    geometry.check_collinear(sorted_positions, normal, first_rec.pixel_spacing)
+    spacing = geometry.check_slice_spacing(
+        slice_d, slice_thickness_mm=attrs["slice_thickness_mm"], acquisition_type=attrs["acquisition_type"])
+    thickness = attrs["slice_thickness_mm"]
+    between = first_inst.ds.get("SpacingBetweenSlices")
+    single_spacing = float(between) if between not in (None, "") else (thickness or 1.0)
+    affine = geometry.stack_affine(first_rec.orientation, sorted_positions[0], sorted_positions[-1],
+                                   n_slices, first_rec.pixel_spacing,
+                                   slice_spacing_mm=spacing if n_slices > 1 else single_spacing)
+    provenance.append(
+        f"geometry: {n_slices} slices sorted along the normal {np.round(normal, 4).tolist()}, "
+        f"slice spacing {spacing if n_slices > 1 else single_spacing:.4g} mm from "
+        + ("ImagePositionPatient" if n_slices > 1 else "SpacingBetweenSlices/SliceThickness (one slice)"))
+
+    # --- pixels
+    rows, cols = int(first_inst.ds.Rows), int(first_inst.ds.Columns)
+    a = np.zeros((cols, rows, n_slices, n_echoes), dtype=np.float32)
+    b = np.zeros_like(a)
+    phase_scales: dict[tuple[float, float], list[tuple[int, int]]] = defaultdict(list)
+    for (inst, rec), k, e in zip(items, slice_idx, echo_idx):
+        if rec.component not in pair:
+            continue
+        if int(inst.ds.Rows) != rows or int(inst.ds.Columns) != cols:
+            raise InputRefused("inconsistent geometry: images of different matrix sizes in one acquisition",
+                               "send one acquisition")
+        if inst.pixels is None:
+            inst.pixels = _stored_pixels(inst.ds)
+        plane = inst.pixels[rec.frame or 0].T.astype(np.float32)
+        if rec.slope != 1.0:
+            plane *= np.float32(rec.slope)
+        if rec.intercept != 0.0:
+            plane += np.float32(rec.intercept)
+        if rec.component == pair[0]:
+            a[:, :, k, e] = plane
+        else:
+            b[:, :, k, e] = plane
+            phase_scales[(rec.slope, rec.intercept)].append((k, e))
+    for inst, _ in items:
+        inst.pixels = None  # release
+
+    if pair == ("magnitude", "phase"):
+        bits = int(first_inst.ds.get("BitsStored", 12))
+        pixrep = int(first_inst.ds.get("PixelRepresentation", 0))
+        rules = set()
+        observed = (float(b.min()), float(b.max()))
+        for (slope, intercept), planes in phase_scales.items():
+            ca, cb, rule = vendors.phase_scale(vendor, slope, intercept, bits, pixrep, observed)
+            rules.add(rule)
+            if len(phase_scales) == 1:
+                b *= np.float32(ca)
+                if cb:
+                    b += np.float32(cb)
+            else:
+                for k, e in planes:
+                    b[:, :, k, e] = b[:, :, k, e] * np.float32(ca) + np.float32(cb)
+        provenance.extend(sorted(rules))
+        if float(a.min()) < 0:
+            warnings.append("negative magnitude values found; taken as absolute values")
+            np.abs(a, out=a)
+        signal = (a * np.exp(1j * b)).astype(np.complex64)
+    else:
+        signal = (a + 1j * b).astype(np.complex64)
+    del a, b
+
+    comp_rules = sorted({rec.component_rule for _, rec in used if rec.component_rule})
+    provenance.extend(comp_rules[:4])
+    if vendors.phase_sign_factor(vendor) < 0:
+        np.conjugate(signal, out=signal)
+    provenance.append(vendors.phase_sign_provenance(vendor))
+    validated = vendors.phase_sign_validated(vendor)
+    if not validated:
+        warnings.append(f"phase sign of vendor '{vendor}' ({first_inst.ds.get('Manufacturer', '')}) is not "
+                        "validated: paramagnetic and diamagnetic may be swapped; check a known vein or "
+                        "calcification before reading the susceptibility sign")
+    if vendor == "ge":
+        if vendors.alternate_slice_pi_offset(signal):
+            signal[:, :, 1::2, :] *= -1
+            provenance.append("ge: pi phase offset on alternate slices detected and removed")
+        else:
+            provenance.append("ge: no alternate-slice pi phase offset detected")
+
+    # --- field strength
+    freq = frames.imaging_frequency_mhz(first_inst.ds)
+    if freq:
+        b0 = b0_tesla_from_frequency(freq)
+        provenance.append(f"B0 = {b0:.5f} T from ImagingFrequency {freq:.6g} MHz")
+        label = first_inst.ds.get("MagneticFieldStrength")
+        if label not in (None, ""):
+            provenance.append(f"MagneticFieldStrength label {float(label):g} T not used")
+    else:
+        label = first_inst.ds.get("MagneticFieldStrength")
+        if label in (None, ""):
+            raise InputRefused("neither ImagingFrequency nor MagneticFieldStrength in the header",
+                               "send the original scanner images: the field strength is required")
+        b0 = float(label)
+        warnings.append(f"no ImagingFrequency: B0 taken from the nominal MagneticFieldStrength {b0:g} T "
+                        "(susceptibility scale may be off by a few percent)")
+        provenance.append(f"B0 = {b0:g} T from MagneticFieldStrength (no ImagingFrequency)")
+
+    te_s = te_values / 1000.0
+    provenance.append("echo times (ms): " + ", ".join(f"{t:g}" for t in te_values))
+
+    # --- bookkeeping
+    series_uids: list[str] = []
+    source_instances: list[list[SourceReference]] = [[] for _ in range(n_slices)]
+    seen_per_slice: list[set] = [set() for _ in range(n_slices)]
+    for (inst, rec), k in zip(items, slice_idx):
+        if rec.component not in pair:
+            continue
+        uid = inst.info.series_instance_uid
+        if uid not in series_uids:
+            series_uids.append(uid)
+        if inst.info.sop_instance_uid not in seen_per_slice[k]:
+            seen_per_slice[k].add(inst.info.sop_instance_uid)
+            source_instances[k].append(SourceReference(str(inst.ds.SOPClassUID), inst.info.sop_instance_uid, uid))
+    provenance.insert(0, f"vendor {vendor}: {len({id(i) for i, _ in used})} instances from "
+                      f"{len(series_uids)} series grouped by frame of reference, orientation, slice "
+                      f"positions and echo times ({pair[0]}/{pair[1]})")
+    reference = next(inst for (inst, rec), e in zip(items, echo_idx) if rec.component == pair[0] and e == 0)
+    header = _header(reference.ds, freq)
+    return Acquisition(
+        signal=signal, echo_times_s=te_s.astype(np.float64), b0_tesla=float(b0), affine=affine,
+        vendor=vendor, phase_sign_validated=validated, header=header,
+        source_series_uids=tuple(series_uids), source_instances=source_instances,
+        provenance=provenance, warnings=warnings,
+    )
+
+
+def _header(ds: Dataset, freq: float | None) -> Dataset:
+    """Patient, study, equipment, series and frame-of-reference attributes (public tags, no pixel
+    data, no functional groups) of the reference instance."""
+    header = Dataset()
+    for elem in ds:
+        if elem.tag.is_private or elem.keyword in _HEADER_SKIP or elem.tag.group in (0x7FE0, 0xFFFE):
+            continue
+        header.add(copy.deepcopy(elem))
+    if "ImagingFrequency" not in header and freq:
+        header.ImagingFrequency = f"{freq:.6f}"
+    if getattr(ds, "file_meta", None) is not None:
+        header.file_meta = copy.deepcopy(ds.file_meta)
+    return header
