@@ -1,8 +1,9 @@
 """The QSM as a DICOM Parametric Map: float32 susceptibility in ppm with a Real World Value Mapping.
 
 One multi-frame Parametric Map Storage instance (highdicom ``ParametricMap``), one frame per
-slice ``k`` in increasing ``k``, frame pixels ``vol[:, :, k].T`` (rows along ``j``, columns along
-``i``), on the source geometry (Plane Position / Orientation / Pixel Measures from the affine).
+slice ``k``, frame pixels ``vol[:, :, k].T`` (rows along ``j``, columns along ``i``), on the
+source geometry; highdicom orders the frames along its volume convention (which may be
+decreasing ``k``), so a reader places each frame by its Plane Position (Plane Position / Orientation / Pixel Measures from the affine).
 The Real World Value Mapping is the identity (slope 1, intercept 0) in UCUM ``ppm`` with the
 quantity DCM 126396 "Magnetic Susceptibility", so a reader gets ppm to float precision.
 The source images are the QSM classic series (which in turn reference the GRE source).

@@ -115,16 +115,21 @@ def local_contrast_ppm(chi_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm,
     return np.where(mask, chi_ppm - background, 0.0).astype(np.float32)
 
 
-def hessian_blob_ratio(x: np.ndarray, region: np.ndarray, sigma_vox) -> float:
-    """Blob-versus-tube measure of the bright structure ``region`` in ``x``: at the maximum of
-    ``x`` smoothed with ``sigma_vox`` (voxels) inside ``region``, ``min|l| / max|l|`` of the
-    Hessian eigenvalues if all are negative (a local maximum), else 0. About 1 for a sphere,
-    about 0 for a tube (no curvature along its axis) -- the eigenvalue reasoning of
-    Frangi AF et al., MICCAI 1998.
+def hessian_blob_ratio(x: np.ndarray, region: np.ndarray, sigma_vox, voxel_size_mm=(1, 1, 1)
+                       ) -> float:
+    """Blob-versus-tube measure of the bright structure ``region`` in ``x``.
+
+    ``x`` is clipped at the region's own maximum (so a brighter neighbour does not dominate),
+    smoothed with ``sigma_vox`` (voxels per axis), and at its maximum inside ``region`` the
+    Hessian (in mm^-2, using ``voxel_size_mm``) is formed. Returns ``min|l| / max|l|`` of its
+    eigenvalues if all are negative (a local maximum), else 0: about 1 for a sphere, about 0
+    for a tube, which has no curvature along its axis (Frangi AF et al., MICCAI 1998).
     """
+    x = np.minimum(x, x[region].max())
     smooth = ndimage.gaussian_filter(x, sigma_vox, mode="nearest")
     candidates = np.where(region, smooth, -np.inf)
     idx = np.unravel_index(int(np.argmax(candidates)), x.shape)
+    vox = np.asarray(voxel_size_mm, dtype=np.float64)
     h = np.empty((3, 3))
     for a in range(3):
         for b in range(a, 3):
@@ -132,7 +137,7 @@ def hessian_blob_ratio(x: np.ndarray, region: np.ndarray, sigma_vox) -> float:
             order[a] += 1
             order[b] += 1
             d = ndimage.gaussian_filter(x, sigma_vox, order=order, mode="nearest")
-            h[a, b] = h[b, a] = d[idx]
+            h[a, b] = h[b, a] = d[idx] / (vox[a] * vox[b])
     eig = np.linalg.eigvalsh(h)
     if eig.max() >= 0:
         return 0.0
@@ -255,7 +260,7 @@ def _compact_focus(region, x, chi_signed, offset, sign, kind, *, max_elongation,
     elongation = principal_axis_elongation(coords, v, vox)
     if elongation > max_elongation:
         return None
-    if any(hessian_blob_ratio(x, region, sv) < min_blob_ratio for sv in sigma_vox):
+    if any(hessian_blob_ratio(x, region, sv, vox) < min_blob_ratio for sv in sigma_vox):
         return None
     centroid = (coords * (v / v.sum())[:, None]).sum(axis=0) + offset
     c = chi_signed[region].astype(np.float64)
