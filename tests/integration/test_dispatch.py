@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -192,3 +194,48 @@ def test_refused_instances_are_retried_a_bounded_number_of_times(orthanc_factory
     # a retry of the job's dispatch (enqueue again) resets the failed files to pending
     d.enqueue("job-r", dest, good + bad)
     assert d.job_state("job-r") == "pending" and d.pending() == 2
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_pki(d: Path) -> None:
+    """A test CA, a server certificate for 127.0.0.1 and a client certificate, signed by the CA."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "2", "-subj", "/CN=qsmnode test CA", cwd=d)
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text(ext + "\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+
+
+@pytest.mark.integration
+def test_dimse_over_tls_with_client_certificate(orthanc_factory, make_mr_instances, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make test certificates")
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    _make_pki(pki)
+    orthanc = orthanc_factory(DicomTlsEnabled=True, DicomTlsCertificate=str(pki / "server.pem"),
+                              DicomTlsPrivateKey=str(pki / "server.key"),
+                              DicomTlsTrustedCertificates=str(pki / "ca.pem"),
+                              DicomTlsRemoteCertificateRequired=True)
+    paths = make_mr_instances(tmp_path / "out", 5)
+    address = f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
+    metrics = NodeMetrics()
+    # without a client certificate, Orthanc refuses the TLS handshake: retried, nothing delivered
+    anon = Destination.from_config({"name": "anon", "address": address, "tls": {"ca_file": str(pki / "ca.pem")}})
+    d = Dispatcher(tmp_path / "index.sqlite", "QSMNODE", metrics, base_delay_s=0.1, max_delay_s=0.2)
+    with d:
+        d.enqueue("job-anon", anon, paths)
+        assert _wait(lambda: _metric(metrics, "qsmnode_dispatch_retries_total", destination="anon") >= 1, 20)
+        assert not d.job_dispatched("job-anon") and orthanc.instance_count() == 0
+        mtls = Destination.from_config({"name": "mtls", "address": address,
+                                        "tls": {"ca_file": str(pki / "ca.pem"), "cert_file": str(pki / "client.pem"),
+                                                "key_file": str(pki / "client.key")}})
+        d.enqueue("job-tls", mtls, paths)
+        assert _wait(lambda: d.job_dispatched("job-tls"), 30), d.job_failures("job-tls")
+    assert orthanc.instance_count() == 5
