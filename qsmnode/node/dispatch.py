@@ -427,6 +427,24 @@ class Dispatcher:
             "SELECT destination, path, sop_instance_uid, last_error FROM outbox "
             "WHERE job_id=? AND state='failed' ORDER BY destination, path", (job_id,))]
 
+    def health(self) -> dict[str, Any]:
+        """For ``/healthz``: files pending per destination, the oldest one's age (s), the last error.
+
+        ``{"running": bool, "outbox_pending": int, "destinations": {name: {"pending", "oldest_pending_s",
+        "failed_attempts", "last_error"}}}``; a destination with nothing pending is not listed.
+        """
+        now = time.time()
+        dests: dict[str, Any] = {}
+        for name, n, oldest, attempts in self._query(
+                "SELECT destination, count(*), min(created_at), max(attempts) FROM outbox "
+                "WHERE state='pending' GROUP BY destination"):
+            err = self._query("SELECT last_error FROM outbox WHERE destination=? AND state='pending' "
+                              "AND last_error IS NOT NULL ORDER BY next_attempt_at DESC LIMIT 1", (name,))
+            dests[name] = {"pending": n, "oldest_pending_s": round(now - oldest, 1),
+                           "failed_attempts": attempts, "last_error": err[0][0] if err else None}
+        return {"running": self._running, "outbox_pending": sum(d["pending"] for d in dests.values()),
+                "destinations": dests}
+
     def __enter__(self) -> "Dispatcher":
         self.start()
         return self

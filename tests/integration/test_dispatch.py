@@ -143,6 +143,8 @@ def test_pacs_down_retries_with_backoff_and_survives_dispatcher_restart(orthanc,
     d1.stop()  # the node restarts while the PACS is still down
     assert time.monotonic() - t0 < 3.0
     assert d1.pending() == 25 and not d1.job_dispatched("job-down")
+    h = d1.health()["destinations"]["pacs"]
+    assert h["pending"] == 25 and h["failed_attempts"] >= 4 and "pacs" in h["last_error"]
     retries = _events(audit_path, "dispatch_retry")
     assert all("pacs" in r["reason"] and r["destination"] == "pacs" for r in retries)
     delays = [r["retry_in_s"] for r in retries]
