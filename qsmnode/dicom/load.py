@@ -394,10 +394,14 @@ def _assemble(group: _Group) -> Acquisition:
         f"slice spacing {spacing if n_slices > 1 else single_spacing:.4g} mm from "
         + ("ImagePositionPatient" if n_slices > 1 else "SpacingBetweenSlices/SliceThickness (one slice)"))
 
-    # --- pixels
+    # --- pixels: planes are written contiguously as [echo, slice, row, col]; the returned
+    # signal is the (Fortran-ordered) view [col=i, row=j, slice=k, echo], so vol[:, :, k] ==
+    # pixel_array.T without a copy and every echo volume is one contiguous block.
     rows, cols = int(first_inst.ds.Rows), int(first_inst.ds.Columns)
-    a = np.zeros((cols, rows, n_slices, n_echoes), dtype=np.float32)
-    b = np.zeros_like(a)
+    mag_phase = pair == ("magnitude", "phase")
+    a = np.zeros((n_echoes, n_slices, rows, cols), dtype=np.float32)
+    # phase stays as stored integers until one look-up table maps it to exp(i * phase)
+    b = np.zeros(a.shape, dtype=np.int32 if mag_phase else np.float32)
     phase_scales: dict[tuple[float, float], list[tuple[int, int]]] = defaultdict(list)
     for (inst, rec), k, e in zip(items, slice_idx, echo_idx):
         if rec.component not in pair:
@@ -407,42 +411,51 @@ def _assemble(group: _Group) -> Acquisition:
                                "send one acquisition")
         if inst.pixels is None:
             inst.pixels = _stored_pixels(inst.ds)
-        plane = inst.pixels[rec.frame or 0].T.astype(np.float32)
-        if rec.slope != 1.0:
-            plane *= np.float32(rec.slope)
-        if rec.intercept != 0.0:
-            plane += np.float32(rec.intercept)
-        if rec.component == pair[0]:
-            a[:, :, k, e] = plane
+        if rec.component == pair[0] or not mag_phase:
+            plane = (a if rec.component == pair[0] else b)[e, k]
+            plane[...] = inst.pixels[rec.frame or 0]
+            if rec.slope != 1.0:
+                plane *= np.float32(rec.slope)
+            if rec.intercept != 0.0:
+                plane += np.float32(rec.intercept)
         else:
-            b[:, :, k, e] = plane
+            b[e, k] = inst.pixels[rec.frame or 0]
             phase_scales[(rec.slope, rec.intercept)].append((k, e))
+        if rec.frame is None or rec.frame == len(inst.records) - 1:
+            inst.pixels = None  # release as soon as the instance is used up
     for inst, _ in items:
-        inst.pixels = None  # release
+        inst.pixels = None
 
-    if pair == ("magnitude", "phase"):
-        bits = int(first_inst.ds.get("BitsStored", 12))
-        pixrep = int(first_inst.ds.get("PixelRepresentation", 0))
-        rules = set()
-        observed = (float(b.min()), float(b.max()))
-        for (slope, intercept), planes in phase_scales.items():
-            ca, cb, rule = vendors.phase_scale(vendor, slope, intercept, bits, pixrep, observed)
-            rules.add(rule)
-            if len(phase_scales) == 1:
-                b *= np.float32(ca)
-                if cb:
-                    b += np.float32(cb)
-            else:
-                for k, e in planes:
-                    b[:, :, k, e] = b[:, :, k, e] * np.float32(ca) + np.float32(cb)
-        provenance.extend(sorted(rules))
+    signal_ekrc = np.empty(a.shape, dtype=np.complex64)
+    if mag_phase:
         if float(a.min()) < 0:
             warnings.append("negative magnitude values found; taken as absolute values")
             np.abs(a, out=a)
-        signal = (a * np.exp(1j * b)).astype(np.complex64)
+        bits = int(first_inst.ds.get("BitsStored", 12))
+        pixrep = int(first_inst.ds.get("PixelRepresentation", 0))
+        lo, hi = int(b.min()), int(b.max())
+        rules = set()
+        for (slope, intercept), planes in phase_scales.items():
+            observed = tuple(sorted((lo * slope + intercept, hi * slope + intercept)))
+            ca, cb, rule = vendors.phase_scale(vendor, slope, intercept, bits, pixrep, observed)
+            rules.add(rule)
+            if len(phase_scales) == 1 and hi - lo < 1 << 20:
+                rad = (np.arange(lo, hi + 1, dtype=np.float64) * slope + intercept) * ca + cb
+                lut = np.exp(1j * rad).astype(np.complex64)
+                for e in range(n_echoes):  # per echo: bounded temporaries
+                    if lo:
+                        b[e] -= lo
+                    np.multiply(a[e], lut[b[e]], out=signal_ekrc[e])
+            else:
+                for k, e in planes:
+                    rad = (b[e, k] * slope + intercept) * ca + cb
+                    signal_ekrc[e, k] = a[e, k] * np.exp(1j * rad.astype(np.float32))
+        provenance.extend(sorted(rules))
     else:
-        signal = (a + 1j * b).astype(np.complex64)
+        signal_ekrc.real = a
+        signal_ekrc.imag = b
     del a, b
+    signal = signal_ekrc.transpose(3, 2, 1, 0)
 
     comp_rules = sorted({rec.component_rule for _, rec in used if rec.component_rule})
     provenance.extend(comp_rules[:4])

@@ -87,7 +87,7 @@ def slab_orientation(orientation: str, oblique_deg: float) -> tuple[float, ...]:
 
 
 def _anatomical_axes(orientation: tuple[float, ...]) -> tuple[list[int], list[int]]:
-    """For each array axis, the LPS axis it runs along most and its sign (oblique ignored)."""
+    """For each array axis, the LPS axis it runs along and its sign (give the untilted slab)."""
     row = np.asarray(orientation[:3])
     col = np.asarray(orientation[3:])
     dirs = [row, col, np.cross(row, col)]
@@ -170,7 +170,7 @@ def simulate_scan(outdir, *, vendor="siemens", field_tesla=3.0, oblique_deg=0.0,
     frequency = round(b0 * GYROMAGNETIC_RATIO_MHZ_PER_T, 6)
     b0 = frequency / GYROMAGNETIC_RATIO_MHZ_PER_T
 
-    phantom = _phantom_on_slab(matrix, vox, iop, seed)
+    phantom = _phantom_on_slab(matrix, vox, slab_orientation(orientation, 0.0), seed)
     signal = simulate_gre(phantom, b0, np.asarray(te_ms) / 1000.0, b0_dir, snr=snr, seed=seed)
     paths = write_gre_dicom(dicom_dir, signal, geom, vendor=vendor, echo_times_ms=te_ms,
                             frequency_mhz=frequency, field_label=float(field_tesla), seed=seed,
