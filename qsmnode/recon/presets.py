@@ -8,28 +8,34 @@ The table (``FIELD_TABLE``) and why each value varies with B0:
 =============================  ========  ========  ========  ==========================================
 key                            1.5 T     3 T       7 T       why / rule between fields
 =============================  ========  ========  ========  ==========================================
-echo_max_te_s                  0.060     0.040     0.025     T2* shortens ~1/B0; later echoes are noise
-                                                             (scales ~1/B0 beyond the table; >=1 echo kept)
-unwrap_method                  laplacian laplacian laplacian category: nearest field in log(B0)
-mask_threshold_fraction        0.20      0.20      0.25      fraction of the brain-magnitude level
-mask_erode_mm                  2.0       2.0       2.0       morphological clean-up radius, mm
+echo_max_te_s                  0.060     0.040     0.025     T2* shortens ~1/B0; later echoes add noise to the
+                                                             field (scales ~1/B0 beyond the table; the
+                                                             first 2 echoes are always kept). R2* uses all.
+unwrap_method                  romeo     romeo     romeo     single-echo spatial unwrapping (multi-echo:
+                                                             MCPC-3D-S template + temporal, always)
+phase_offset_sigma_mm          4.0       4.0       4.0       smoothing of the MCPC-3D-S offset, mm
+mask_threshold                 0.30      0.30      0.30      fraction of the bias-normalised head level
+mask_erosion_mm                4.0       4.0       4.0       brain/scalp separation radius, mm
+mask_quality_threshold         0.30      0.30      0.25      phase reliability below which edge voxels are
+                                                             dropped (7 T: stronger, noisier phase)
 background_method              pdf       pdf       pdf       category; PDF keeps the whole brain mask
 vsharp_radius_max_mm           12.0      12.0      10.0      V-SHARP largest sphere, mm
 vsharp_radius_min_mm           2.0       2.0       2.0       smallest sphere (>= 1 voxel enforced)
 vsharp_threshold               0.05      0.05      0.05      TSVD threshold of the deconvolution
-pdf_tolerance                  0.01      0.01      0.01      CG relative residual
-pdf_max_iterations             60        60        60
+pdf_tolerance                  0.003     0.003     0.003     CG relative residual (early stop regularises:
+                                                             tighter fits start to remove local field)
+pdf_max_iterations             100       100       100
 inversion_method               fansi_wtv fansi_wtv fansi_wtv category (``tkd`` = fast preview)
-tv_gradient_scale_ppm_per_mm   0.05      0.05      0.05      Laplace-prior scale b: alpha = sigma_eff^2 / b, see
+tv_gradient_scale_ppm_per_mm   0.05      0.05      0.05      Laplace-prior scale b: alpha = sigma_eff^2 / b,
                                                              :func:`qsmnode.recon.inversion.regularisation_weight`
-model_error_ppm                0.004     0.003     0.002     field-noise floor for model error, ppm
+model_error_ppm                0.003     0.003     0.003     field-noise floor for model error, ppm (the
+                                                             measured noise carries the field dependence)
 admm_iterations                60        60        60
 admm_tolerance                 0.005     0.005     0.005     relative change of chi that stops ADMM
-tkd_threshold                  0.19      0.19      0.19      TKD truncation (Shmueli 2009 uses 2/3 ... 0.2)
+tkd_threshold                  0.19      0.19      0.19      TKD truncation of |D| (Shmueli 2009)
 swi_mask_power                 4         4         3         phase-mask power; fewer at 7 T (strong phase)
-swi_highpass_mm                12.0      12.0      10.0      homodyne high-pass of the phase, mm
 minip_slab_mm                  16.0      14.0      10.0      thinner slabs at higher field (more veins)
-csf_r2star_max_per_s           10.0      15.0      25.0      ventricles: R2* below this (scales ~B0)
+csf_r2star_max_per_s           6.0       10.0      20.0      ventricles: R2* below this (scales ~B0)
 =============================  ========  ========  ========  ==========================================
 
 Rules: numbers are interpolated linearly in B0 between the two nearest table fields; beyond the
@@ -51,31 +57,32 @@ TABLE_FIELDS_T = (1.5, 3.0, 7.0)
 
 FIELD_TABLE: dict[str, tuple[Any, Any, Any]] = {
     "echo_max_te_s": (0.060, 0.040, 0.025),
-    "unwrap_method": ("laplacian", "laplacian", "laplacian"),
-    "mask_threshold_fraction": (0.20, 0.20, 0.25),
-    "mask_erode_mm": (2.0, 2.0, 2.0),
+    "unwrap_method": ("romeo", "romeo", "romeo"),
+    "phase_offset_sigma_mm": (4.0, 4.0, 4.0),
+    "mask_threshold": (0.30, 0.30, 0.30),
+    "mask_erosion_mm": (4.0, 4.0, 4.0),
+    "mask_quality_threshold": (0.30, 0.30, 0.25),
     "background_method": ("pdf", "pdf", "pdf"),
     "vsharp_radius_max_mm": (12.0, 12.0, 10.0),
     "vsharp_radius_min_mm": (2.0, 2.0, 2.0),
     "vsharp_threshold": (0.05, 0.05, 0.05),
-    "pdf_tolerance": (0.01, 0.01, 0.01),
-    "pdf_max_iterations": (60, 60, 60),
+    "pdf_tolerance": (0.003, 0.003, 0.003),
+    "pdf_max_iterations": (100, 100, 100),
     "inversion_method": ("fansi_wtv", "fansi_wtv", "fansi_wtv"),
     "tv_gradient_scale_ppm_per_mm": (0.05, 0.05, 0.05),
-    "model_error_ppm": (0.004, 0.003, 0.002),
+    "model_error_ppm": (0.003, 0.003, 0.003),
     "admm_iterations": (60, 60, 60),
     "admm_tolerance": (0.005, 0.005, 0.005),
     "tkd_threshold": (0.19, 0.19, 0.19),
     "swi_mask_power": (4, 4, 3),
-    "swi_highpass_mm": (12.0, 12.0, 10.0),
     "minip_slab_mm": (16.0, 14.0, 10.0),
-    "csf_r2star_max_per_s": (10.0, 15.0, 25.0),
+    "csf_r2star_max_per_s": (6.0, 10.0, 20.0),
 }
 
 # Field-independent settings (same at every field; still overridable).
 COMMON: dict[str, Any] = {
     "reference_region": "whole_brain",  # or "csf"
-    "background_pad_mm": 24.0,
+    "background_pad_mm": 16.0,
     "inversion_pad_mm": 16.0,
 }
 
@@ -83,13 +90,14 @@ SCALES_WITH_B0 = {"csf_r2star_max_per_s"}
 SCALES_INVERSE_B0 = {"echo_max_te_s"}
 
 BACKGROUND_METHODS = ("pdf", "vsharp")
+UNWRAP_METHODS = ("romeo", "laplacian", "skimage")
 INVERSION_METHODS = ("fansi_wtv", "tkd")
 REFERENCE_REGIONS = ("whole_brain", "csf")
 
 NAMED_PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "fast": {"inversion_method": "tkd", "background_method": "vsharp"},
-    "accurate": {"admm_iterations": 120, "admm_tolerance": 0.002, "pdf_max_iterations": 120},
+    "accurate": {"admm_iterations": 150, "admm_tolerance": 0.002},
     "csf_reference": {"reference_region": "csf"},
 }
 
@@ -151,6 +159,7 @@ def preset_for_field(b0_tesla: float, overrides: dict[str, Any] | None = None, n
         ("background_method", BACKGROUND_METHODS),
         ("inversion_method", INVERSION_METHODS),
         ("reference_region", REFERENCE_REGIONS),
+        ("unwrap_method", UNWRAP_METHODS),
     ):
         if out[key] not in allowed:
             raise ReconstructionError(f"{key} {out[key]!r} is not supported", f"use one of {', '.join(allowed)}")

@@ -18,6 +18,7 @@ def test_table_fields_return_table_values(index):
 def test_interpolation_between_fields_is_monotone_and_bounded():
     lo, mid, hi = preset_for_field(1.5), preset_for_field(2.89), preset_for_field(3.0)
     assert lo["minip_slab_mm"] > mid["minip_slab_mm"] > hi["minip_slab_mm"]
+    assert lo["csf_r2star_max_per_s"] < mid["csf_r2star_max_per_s"] < hi["csf_r2star_max_per_s"]
     assert lo["echo_max_te_s"] > mid["echo_max_te_s"] > hi["echo_max_te_s"]
     p5 = preset_for_field(5.0)
     assert 0.025 < p5["echo_max_te_s"] < 0.040
@@ -30,7 +31,7 @@ def test_extrapolation_beyond_table():
     # physically scaled keys follow their rule, the others hold the end value
     assert low["echo_max_te_s"] == pytest.approx(0.060 * 1.5 / 0.55)
     assert high["echo_max_te_s"] == pytest.approx(0.025 * 7.0 / 9.4)
-    assert high["csf_r2star_max_per_s"] == pytest.approx(25.0 * 9.4 / 7.0)
+    assert high["csf_r2star_max_per_s"] == pytest.approx(20.0 * 9.4 / 7.0)
     assert low["minip_slab_mm"] == 16.0 and high["minip_slab_mm"] == 10.0
     assert low["background_method"] in ("pdf", "vsharp")
 
