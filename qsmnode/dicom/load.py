@@ -348,6 +348,13 @@ def _assemble(group: _Group) -> Acquisition:
         raise InputRefused("incomplete acquisition: " + "; ".join(problems),
                            "send every slice of every echo (wait until the series is complete)")
 
+    attrs = frames.acquisition_attributes(first_inst.ds)
+    sorted_positions = np.zeros((n_slices, 3))
+    for (inst, rec), k in zip(items, slice_idx):
+        sorted_positions[k] = rec.position
+    geometry.check_collinear(sorted_positions, normal, first_rec.pixel_spacing)
+    spacing = geometry.check_slice_spacing(
+        slice_d, slice_thickness_mm=attrs["slice_thickness_mm"], acquisition_type=attrs["acquisition_type"])
     # --- completeness against what the headers announce
     used = [(inst, rec) for inst, rec in items if rec.component in pair]
     per_series: dict[str, list[_Instance]] = defaultdict(list)
@@ -376,13 +383,6 @@ def _assemble(group: _Group) -> Acquisition:
         except (TypeError, ValueError):
             pass
 
-    attrs = frames.acquisition_attributes(first_inst.ds)
-    sorted_positions = np.zeros((n_slices, 3))
-    for (inst, rec), k in zip(items, slice_idx):
-        sorted_positions[k] = rec.position
-    geometry.check_collinear(sorted_positions, normal, first_rec.pixel_spacing)
-    spacing = geometry.check_slice_spacing(
-        slice_d, slice_thickness_mm=attrs["slice_thickness_mm"], acquisition_type=attrs["acquisition_type"])
     thickness = attrs["slice_thickness_mm"]
     between = first_inst.ds.get("SpacingBetweenSlices")
     single_spacing = float(between) if between not in (None, "") else (thickness or 1.0)
