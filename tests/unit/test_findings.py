@@ -98,7 +98,9 @@ def test_elongation_and_statistics():
     assert principal_axis_elongation(rod, np.ones(len(rod)), (1, 1, 1)) > 5
     # anisotropic voxels count in mm: 10 x 1 x 1 voxels of 1 x 10 x 10 mm is a cube-ish block
     slab = np.argwhere(np.ones((10, 1, 1)))
-    assert principal_axis_elongation(slab, np.ones(10), (1, 10, 10)) < 1.1
+    assert principal_axis_elongation(slab, np.ones(10), (1, 10, 10)) < 1.5
+    one = np.array([[3, 3, 3]])  # a single anisotropic voxel is round, not elongated
+    assert principal_axis_elongation(one, np.ones(1), (1.0, 1.0, 2.0)) == pytest.approx(1.0)
     chi = rng.normal(0.1, 0.05, (20, 20, 20))
     mask = np.zeros(chi.shape, bool)
     mask[5:15, 5:15, 5:15] = True
