@@ -261,8 +261,20 @@ class Tracker:
                   f"{self.config.incomplete_cap_seconds:g} s): " + "; ".join(missing) +
                   ". Send the missing instances again (the acquisition re-opens) or run `qsmnode retry` to "
                   "reconstruct what is there")
-        job_id = self.index.create_job(acq["id"], acq["generation"], rule="", preset="auto", destinations=[],
-                                       params={"incomplete": True}, state="failed", reason=reason)
+        # keep the rule's choices so that `qsmnode retry` can still push what is there through the loader
+        facts = self.facts(acq, series)
+        rule, _ = match_rules(self.config.rules, facts)
+        dests = []
+        if rule is not None:
+            dests, _ = resolve_destinations(rule, self.config.destinations, self.config.known_aes, facts.calling_aes)
+        params = {"incomplete": True, "series": [s["series_instance_uid"] for s in series]}
+        if rule is not None:
+            params.update(parametric_map=rule.parametric_map, summary_image=rule.summary_image,
+                          overrides=rule.overrides)
+        job_id = self.index.create_job(acq["id"], acq["generation"], rule=rule.name if rule else "",
+                                       preset=rule.preset if rule else "auto",
+                                       destinations=[dataclasses.asdict(d) for d in dests],
+                                       params=params, state="failed", reason=reason)
         self.index.set_acquisition_state(acq["id"], "failed", reason, generation=acq["generation"])
         log.warning("acquisition %d failed: %s", acq["id"], reason)
         if self.audit:

@@ -1,0 +1,78 @@
+"""Spool: durable, stored once per SOP Instance UID, reconcile after a crash, retention removal."""
+
+import os
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from qsmnode.node.index import Index
+from qsmnode.node.spool import Spool, safe_name, write_durably
+
+
+def mr_bytes(tmp_path, n=0, series=None):
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.Modality = MRImageStorage, "MR"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", series or "1.2.3.4"
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = np.arange(64, dtype=np.uint16).tobytes()
+    p = tmp_path / f"src{n}.dcm"
+    ds.save_as(p, enforce_file_format=True)
+    return ds, p.read_bytes()
+
+
+def test_store_is_durable_exact_and_once(tmp_path):
+    spool = Spool(tmp_path / "s")
+    ds, data = mr_bytes(tmp_path)
+    path, stored = spool.store(ds.SeriesInstanceUID, ds.SOPInstanceUID, data)
+    assert stored and path.read_bytes() == data
+    assert path == spool.path_for(ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    again, stored2 = spool.store(ds.SeriesInstanceUID, ds.SOPInstanceUID, b"something else")
+    assert again == path and not stored2 and path.read_bytes() == data
+    assert not list(path.parent.glob(".*"))
+
+
+def test_safe_name_keeps_uids_and_hashes_the_rest():
+    assert safe_name("1.2.840.10008.1") == "1.2.840.10008.1"
+    odd = safe_name("../../etc/passwd")
+    assert "/" not in odd and odd.startswith("x") and odd == safe_name("../../etc/passwd")
+
+
+def test_reconcile_indexes_files_a_crash_left_out_and_quarantines_partial_ones(tmp_path):
+    spool = Spool(tmp_path / "s")
+    index = Index(tmp_path / "s" / "index.sqlite")
+    ds1, d1 = mr_bytes(tmp_path, 1)
+    ds2, d2 = mr_bytes(tmp_path, 2)
+    p1, _ = spool.store(ds1.SeriesInstanceUID, ds1.SOPInstanceUID, d1)
+    index.add_instance(ds1.SOPInstanceUID, ds1.SeriesInstanceUID, "1.2.3", p1)
+    p2, _ = spool.store(ds2.SeriesInstanceUID, ds2.SOPInstanceUID, d2)  # acknowledged, index insert lost
+    partial = spool.path_for("1.2.3.4", "1.2.3.999")
+    partial.write_bytes(d2[: len(d2) // 2])  # a write cut short (never acknowledged)
+    (partial.parent / ".junk.tmp").write_bytes(b"x")
+    assert spool.reconcile(index) == 1
+    assert index.has_instance(ds2.SOPInstanceUID) and not index.has_instance("1.2.3.999")
+    assert not partial.exists() and (tmp_path / "s" / "quarantine" / partial.name).exists()
+    assert not (partial.parent / ".junk.tmp").exists()
+    assert spool.reconcile(index) == 0
+
+
+def test_remove_files_and_write_durably(tmp_path):
+    spool = Spool(tmp_path / "s")
+    ds, data = mr_bytes(tmp_path)
+    path, _ = spool.store(ds.SeriesInstanceUID, ds.SOPInstanceUID, data)
+    assert spool.remove_files([path, path]) == 1 and not path.parent.exists()
+    path2, stored = spool.store(ds.SeriesInstanceUID, ds.SOPInstanceUID, data)  # folder comes back
+    assert stored and path2.exists()
+    target = tmp_path / "x.json"
+    write_durably(target, b"{}")
+    write_durably(target, b"[1]")
+    assert target.read_bytes() == b"[1]" and sorted(os.listdir(tmp_path)) == ["s", "src0.dcm", "x.json"]
+    assert spool.free_mb() > 0
+    assert pydicom.dcmread(path2).SOPInstanceUID == ds.SOPInstanceUID
