@@ -179,7 +179,8 @@ def simulate_scan(outdir, *, vendor="siemens", field_tesla=3.0, oblique_deg=0.0,
     from qsmnode.simulate.phantom import LABELS
 
     np.save(truth_dir / "chi_ppm.npy", phantom.chi_ppm.astype(np.float32))
-    np.save(truth_dir / "labels.npy", phantom.labels)
+    labels = phantom.labels
+    np.save(truth_dir / "labels.npy", labels.astype(np.uint8) if 0 <= labels.min() and labels.max() < 256 else labels)
     np.save(truth_dir / "brain_mask.npy", phantom.brain_mask.astype(bool))
     truth = {
         "vendor": vendor,
