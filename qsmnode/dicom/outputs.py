@@ -23,6 +23,7 @@ are both in the Contributing Equipment Sequence (acquisition and processing equi
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import struct
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
 from pydicom.sequence import Sequence
@@ -212,6 +214,16 @@ def _raw_sequence(keyword: str, sequence: Sequence) -> RawDataElement:
     encoded = buffer.getvalue()
     # tag (4) + "SQ" (2) + reserved (2) + length (4), then the items and the delimiter
     return RawDataElement(Tag(keyword), "SQ", 0xFFFFFFFF, encoded[12:], 0, False, True)
+
+
+def _pre_encoded(ds: Dataset) -> Dataset:
+    """``ds`` encoded once (explicit VR little endian) and read back lazily: its elements stay
+    raw bytes, which the writer copies as they are into each of the hundreds of slices."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return read_dataset(io.BytesIO(buffer.getvalue()), is_implicit_VR=False,
+                        is_little_endian=True)
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -404,6 +416,7 @@ def build_classic_series(
         base.WindowCenter, base.WindowWidth = center, width
 
     charset = convert_encodings(base.SpecificCharacterSet)
+    base = _pre_encoded(base)
     dtype = "<i2" if signed else "<u2"
     slices = np.ascontiguousarray(stored.transpose(2, 1, 0)).astype(dtype, copy=False)
     datasets = []
