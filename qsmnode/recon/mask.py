@@ -39,18 +39,65 @@ def _largest_component(mask):
     return labels == int(np.argmax(sizes))
 
 
+def _block_mean(a, factors):
+    """Mean over blocks of ``factors`` voxels (the array is zero-padded to whole blocks)."""
+    pads = [(0, (-n) % f) for n, f in zip(a.shape, factors)]
+    a = np.pad(a, pads)
+    s = a.shape
+    return a.reshape(s[0] // factors[0], factors[0], s[1] // factors[1], factors[1],
+                     s[2] // factors[2], factors[2]).mean(axis=(1, 3, 5))
+
+
 def receive_bias_estimate(magnitude, support, voxel_size_mm, sigma_mm=25.0):
     """Smooth multiplicative bias of a magnitude image (host numpy, float32 [i, j, k]).
 
     Gaussian normalised convolution of ``magnitude`` over ``support`` (bool), sigma in mm:
     B = G*(m s) / G*(s). Tissue contrast on scales below ``sigma_mm`` stays in m / B.
+    Computed on a grid coarsened by about sigma/3 (block means) and interpolated back
+    (trilinear): the bias is smooth on that scale, and this is ~50x faster at 256x256x176.
     """
-    sigma = [float(sigma_mm) / float(v) for v in voxel_size_mm]
+    sigma_vox = [float(sigma_mm) / float(v) for v in voxel_size_mm]
+    factors = [max(1, int(s // 3)) for s in sigma_vox]
     s = support.astype(np.float32)
-    num = ndimage.gaussian_filter(magnitude * s, sigma, mode="constant")
-    den = ndimage.gaussian_filter(s, sigma, mode="constant")
+    num = _block_mean(magnitude * s, factors)
+    den = _block_mean(s, factors)
+    sigma_coarse = [sv / f for sv, f in zip(sigma_vox, factors)]
+    num = ndimage.gaussian_filter(num, sigma_coarse, mode="constant")
+    den = ndimage.gaussian_filter(den, sigma_coarse, mode="constant")
     floor = np.float32(1e-6) * max(float(num.max()), 1e-30)
-    return np.where(den > 1e-3, num / np.maximum(den, 1e-3), floor).astype(np.float32)
+    coarse = np.where(den > 1e-3, num / np.maximum(den, 1e-3), floor).astype(np.float32)
+    if all(f == 1 for f in factors):
+        return coarse
+    # block centres sit at (f - 1) / 2 + f * n in fine voxels: map fine voxels onto them
+    coords = [(np.arange(n, dtype=np.float32) - (f - 1) / 2.0) / f
+              for n, f in zip(magnitude.shape, factors)]
+    grid = np.meshgrid(*coords, indexing="ij", sparse=True)
+    full = [np.broadcast_to(g, magnitude.shape) for g in grid]
+    return ndimage.map_coordinates(coarse, full, order=1, mode="nearest").astype(np.float32)
+
+
+def _morph_mm(mask, radius_mm, voxel_size_mm, dilate=False):
+    """Erode (or dilate) by a ball of ``radius_mm``, approximated by alternating 6- and
+    26-neighbour steps (an octagon-like ball), per axis only as many steps as fit the radius
+    in that axis's voxel size. Much faster than a Euclidean distance transform at 256^3."""
+    steps = [int(round(float(radius_mm) / float(v))) for v in voxel_size_mm]
+    out = mask
+    op = ndimage.binary_dilation if dilate else ndimage.binary_erosion
+    for s in range(1, max(steps) + 1):
+        active = [s <= n for n in steps]
+        structure = np.zeros((3, 3, 3), bool)
+        structure[1, 1, 1] = True
+        full = s % 2 == 0 and all(active)
+        for a in range(3):
+            if active[a]:
+                idx = [1, 1, 1]
+                for v in (0, 2):
+                    idx[a] = v
+                    structure[tuple(idx)] = True
+        if full:
+            structure[:] = True
+        out = op(out, structure=structure)
+    return out
 
 
 def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, erosion_mm=4.0,
@@ -88,12 +135,11 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
     level = float(np.median(normalised[head])) if head.any() else 1.0
     foreground = normalised > threshold * level
 
-    depth = ndimage.distance_transform_edt(foreground, sampling=vox)
-    core = depth > erosion_mm
+    core = _morph_mm(foreground, erosion_mm, vox)
     if not core.any():
         core = foreground
     core = _largest_component(core)
-    grown = ndimage.distance_transform_edt(~core, sampling=vox) <= erosion_mm
+    grown = _morph_mm(core, erosion_mm, vox, dilate=True)
     mask = grown & foreground
     mask = _largest_component(mask)
     if fill_holes:

@@ -213,7 +213,9 @@ def estimate_total_field(signal, echo_times_s, mask, voxel_size_mm, *, offset_si
     template, then the weighted echo fit (:func:`combine_echoes`). One echo: spatial unwrapping
     of the phase (``unwrap_method``) and f = phi / (2 pi TE); the receive-phase offset is
     assumed smooth and is left to background removal (say so in the report).
-    Returns :class:`TotalField` on the caller's backend (unwrapping runs on the host).
+    Everything is computed on the bounding box of the mask (the phase offset and the quality
+    are 0 beyond it). Returns :class:`TotalField` on the caller's backend (unwrapping runs on
+    the host).
     """
     xp = array_module(signal)
     if signal.ndim != 4:
@@ -221,9 +223,43 @@ def estimate_total_field(signal, echo_times_s, mask, voxel_size_mm, *, offset_si
                                   "pass the complex multi-echo data as a 4D array")
     te = _check_te(echo_times_s, signal.shape[3])
     mask = xp.asarray(mask, dtype=bool)
+    if mask.shape != signal.shape[:3]:
+        raise ReconstructionError(f"mask {mask.shape} and signal {signal.shape[:3]} differ",
+                                  "pass a mask on the matrix of the signal")
     if not bool(mask.any()):
         raise ReconstructionError("the brain mask is empty",
                                   "check that the series covers the head")
+    if noise_sigma is None:  # from the full field of view, which holds the air background
+        noise_sigma = estimate_noise_sigma(xp.abs(signal[..., 0]))
+    # work on the mask's bounding box (+1 voxel): exact, as nothing outside the mask is used
+    box = _bounding_box(mask, margin=1)
+    cropped = _estimate_total_field_box(signal[box], te, mask[box], voxel_size_mm,
+                                        offset_sigma_mm, unwrap_method, noise_sigma)
+    full = TotalField(*(xp.zeros(mask.shape + a.shape[3:], a.dtype) for a in (
+        cropped.total_field_hz, cropped.field_noise_hz, cropped.phase_offset,
+        cropped.unwrapped_phase, cropped.phase_quality)), steps=cropped.steps)
+    for name in ("total_field_hz", "field_noise_hz", "phase_offset", "unwrapped_phase",
+                 "phase_quality"):
+        getattr(full, name)[box] = getattr(cropped, name)
+    return full
+
+
+def _bounding_box(mask, margin=1):
+    xp = array_module(mask)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = to_host(xp.any(mask, axis=other))
+        where = np.flatnonzero(hit)
+        lo = max(0, int(where[0]) - margin)
+        hi = min(mask.shape[axis], int(where[-1]) + 1 + margin)
+        box.append(slice(lo, hi))
+    return tuple(box)
+
+
+def _estimate_total_field_box(signal, te, mask, voxel_size_mm, offset_sigma_mm, unwrap_method,
+                              noise_sigma):
+    xp = array_module(signal)
     steps: list[StepRecord] = []
     magnitude = xp.abs(signal).astype(xp.float32)
     if te.size == 1:

@@ -43,8 +43,25 @@ def r2star_map(magnitude, echo_times_s, mask, *, r2star_max_per_s=500.0, t2star_
     if np.any(np.diff(te) <= 0) or np.any(te <= 0):
         raise R2StarNotDefined(f"echo times must be positive and increasing, got {te.tolist()}",
                                "check EchoTime (0018,0081)")
+    mask = xp.asarray(mask, dtype=bool)
+    if mask.shape != mag.shape[:3]:
+        raise R2StarNotDefined(f"mask {mask.shape} and magnitude {mag.shape[:3]} differ",
+                               "pass a mask on the matrix of the magnitude")
+    r2s_full = xp.zeros(mask.shape, xp.float32)
+    t2s_full = xp.zeros(mask.shape, xp.float32)
+    if not bool(mask.any()):
+        return r2s_full, t2s_full
+    from qsmnode.recon.phase import _bounding_box
+
+    box = _bounding_box(mask, margin=0)  # fit only the mask's bounding box (fast, same result)
+    r2s_full[box], t2s_full[box] = _fit(mag[box], te, mask[box], r2star_max_per_s, t2star_max_ms,
+                                        xp.float32(1e-12) + xp.float32(1e-7) * xp.max(mag))
+    return r2s_full, t2s_full
+
+
+def _fit(mag, te, mask, r2star_max_per_s, t2star_max_ms, floor):
+    xp = array_module(mag)
     t = xp.asarray(te, dtype=xp.float32)
-    floor = xp.float32(1e-12) + xp.float32(1e-7) * xp.max(mag)
     m = xp.maximum(mag, floor)
     y = xp.log(m)
     w = m * m

@@ -198,16 +198,32 @@ def _fraction(sdist, h):
 
 
 def _tube(x, y, z, points, radius_mm):
-    """Voxels within ``radius_mm`` of a polyline through ``points`` (mm)."""
-    inside = np.zeros(np.broadcast_shapes(x.shape, y.shape, z.shape), dtype=bool)
+    """Voxels within ``radius_mm`` of a polyline through ``points`` (mm).
+
+    x, y, z : open grids of shapes (ni, 1, 1), (1, nj, 1), (1, 1, nk) in mm (ascending). Each
+    segment is evaluated on its bounding box only.
+    """
+    inside = np.zeros((x.shape[0], y.shape[1], z.shape[2]), dtype=bool)
+    axes = [x.ravel(), y.ravel(), z.ravel()]
     pts = np.asarray(points, dtype=np.float64)
     for a, b in zip(pts[:-1], pts[1:]):
+        box = []
+        for d in range(3):
+            lo = min(a[d], b[d]) - radius_mm
+            hi = max(a[d], b[d]) + radius_mm
+            box.append(slice(int(np.searchsorted(axes[d], lo)),
+                             int(np.searchsorted(axes[d], hi, side="right"))))
+        if any(s.stop <= s.start for s in box):
+            continue
+        xs = axes[0][box[0]][:, None, None]
+        ys = axes[1][box[1]][None, :, None]
+        zs = axes[2][box[2]][None, None, :]
         ab = b - a
-        length2 = float(ab @ ab)
-        t = ((x - a[0]) * ab[0] + (y - a[1]) * ab[1] + (z - a[2]) * ab[2]) / length2
+        length2 = max(float(ab @ ab), 1e-12)
+        t = ((xs - a[0]) * ab[0] + (ys - a[1]) * ab[1] + (zs - a[2]) * ab[2]) / length2
         t = np.clip(t, 0.0, 1.0)
-        d2 = (x - a[0] - t * ab[0]) ** 2 + (y - a[1] - t * ab[1]) ** 2 + (z - a[2] - t * ab[2]) ** 2
-        inside |= d2 <= radius_mm**2
+        d2 = (xs - a[0] - t * ab[0]) ** 2 + (ys - a[1] - t * ab[1]) ** 2 + (zs - a[2] - t * ab[2]) ** 2
+        inside[tuple(box)] |= d2 <= radius_mm**2
     return inside
 
 
@@ -391,11 +407,15 @@ def head_phantom(matrix=(96, 96, 72), voxel_size_mm=(2.0, 2.0, 2.0), seed=0) -> 
 
 def _place_foci(labels, vox, rng):
     """Pick centres for 3 microbleeds (r 1-2 mm) and 2 calcifications (r 1.5-2.5 mm) in WM."""
+    # distances on a grid of about 2 mm (fast at any matrix), candidates mapped back
+    stride = [max(1, int(round(2.0 / v))) for v in vox]
+    coarse = labels[::stride[0], ::stride[1], ::stride[2]]
+    cvox = [v * s for v, s in zip(vox, stride)]
+    wm_coarse = coarse == LABELS["wm"]
+    depth_in_wm = ndimage.distance_transform_edt(wm_coarse, sampling=cvox)
+    dist_vein = ndimage.distance_transform_edt(coarse != LABELS["vein"], sampling=cvox)
+    candidates = np.argwhere((depth_in_wm > 4.0) & (dist_vein > 10.0)) * np.asarray(stride)
     wm = labels == LABELS["wm"]
-    depth_in_wm = ndimage.distance_transform_edt(wm, sampling=vox)
-    not_vein = labels != LABELS["vein"]
-    dist_vein = ndimage.distance_transform_edt(not_vein, sampling=vox)
-    candidates = np.argwhere((depth_in_wm > 4.0) & (dist_vein > 10.0))
     if len(candidates) == 0:
         candidates = np.argwhere(wm)
     if len(candidates) == 0:  # field of view too small to hold a brain
