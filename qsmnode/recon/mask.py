@@ -146,20 +146,40 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
         mask = ndimage.binary_fill_holes(mask)
 
     if phase_quality is not None:
-        quality = to_host(phase_quality).astype(np.float32)
-        if quality.shape != mask.shape:
-            raise ReconstructionError(
-                f"phase_quality {quality.shape} and magnitude {mask.shape} differ in shape",
-                "pass a quality map of the same matrix")
-        reliable = mask & (quality >= quality_threshold)
-        if reliable.any():
-            mask = _largest_component(reliable)
-            if fill_holes:
-                mask = ndimage.binary_fill_holes(mask)
+        mask = _refine(mask, to_host(phase_quality), quality_threshold, fill_holes)
     if not mask.any():
         raise ReconstructionError("the brain mask is empty",
                                   "check that the series covers the head, or lower the threshold")
     return xp.asarray(mask)
+
+
+def _refine(mask, quality, quality_threshold, fill_holes):
+    quality = np.asarray(quality, dtype=np.float32)
+    if quality.shape != mask.shape:
+        raise ReconstructionError(
+            f"phase_quality {quality.shape} and mask {mask.shape} differ in shape",
+            "pass a quality map of the same matrix")
+    reliable = mask & (quality >= quality_threshold)
+    if not reliable.any():
+        return mask
+    refined = _largest_component(reliable)
+    return ndimage.binary_fill_holes(refined) & mask if fill_holes else refined
+
+
+def refine_brain_mask(mask, phase_quality, *, quality_threshold=0.3, fill_holes=True):
+    """Drop unreliable-phase voxels from the edge of an existing mask (no magnitude needed).
+
+    mask : bool [i, j, k] (e.g. from :func:`brain_mask`); phase_quality : [i, j, k] in [0, 1]
+    (e.g. ``TotalField.phase_quality`` or :func:`field_noise_quality`). Voxels below
+    ``quality_threshold`` are removed, the largest connected piece is kept and enclosed holes
+    are refilled (interior veins stay), never growing beyond ``mask``. Same as passing
+    ``phase_quality`` to :func:`brain_mask`, without redoing the magnitude steps.
+    Returns bool [i, j, k] on the caller's backend (computed on the host).
+    """
+    xp = array_module(mask)
+    out = _refine(to_host(mask).astype(bool), to_host(phase_quality), quality_threshold,
+                  fill_holes)
+    return xp.asarray(out)
 
 
 def field_noise_quality(field_noise_hz, mask, scale=None):

@@ -23,7 +23,6 @@ result is returned on the caller's backend. Phase in radians; arrays ``[i, j, k]
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components, minimum_spanning_tree
 
@@ -292,4 +291,3 @@ __all__ = [
     "wrap", "edge_weights", "voxel_quality", "unwrap_quality_guided", "unwrap_temporal",
     "laplacian_unwrap", "unwrap_phase",
 ]
-_ = ndimage  # reserved for masks built from quality maps

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qsmnode.errors import ReconstructionError
-from qsmnode.recon.mask import brain_mask, field_noise_quality
+from qsmnode.recon.mask import brain_mask, field_noise_quality, refine_brain_mask
 from qsmnode.simulate.forward import simulate_gre
 from qsmnode.simulate.phantom import LABELS, head_phantom
 
@@ -52,6 +52,7 @@ def test_phase_quality_trims_the_edge_only(phantom):
     assert not trimmed[:, :20, :].any()
     assert trimmed[48, 48, 40] == base[48, 48, 40]
     assert np.array_equal(trimmed[:, 21:, :], base[:, 21:, :])
+    np.testing.assert_array_equal(refine_brain_mask(base, quality), trimmed)
 
 
 def test_field_noise_quality():
