@@ -81,18 +81,18 @@ def data_weights(field_noise_ppm, mask, model_error_ppm=0.003):
     return (w / (rms or 1.0)).astype(xp.float32)
 
 
-def _gradient_kernels(pshape, voxel_size_mm, xp):
-    """Fourier symbols (rfft half grid) of forward differences per mm, and sum of |G|^2."""
-    gs = []
+def _gradient_symbol(pshape, voxel_size_mm, xp):
+    """Sum over axes of |G_a(k)|^2 for forward differences per mm, on the rfft half grid."""
+    g2 = None
     for axis, (n, v) in enumerate(zip(pshape, voxel_size_mm)):
         length = n // 2 + 1 if axis == 2 else n
         k = xp.arange(length, dtype=xp.float32)
-        g = (xp.exp(2j * xp.pi * k / n) - 1.0) / float(v)
+        term = (2.0 - 2.0 * xp.cos(2.0 * np.pi * k / n)) / float(v) ** 2
         shp = [1, 1, 1]
         shp[axis] = length
-        gs.append(g.astype(xp.complex64).reshape(shp))
-    g2 = sum(xp.real(g * xp.conj(g)) for g in gs)
-    return gs, g2.astype(xp.float32)
+        term = term.astype(xp.float32).reshape(shp)
+        g2 = term if g2 is None else g2 + term
+    return g2
 
 
 def _grad(x, voxel_size_mm, xp):
@@ -127,7 +127,7 @@ def fansi_wtv(local_field_ppm, mask, voxel_size_mm, b0_direction, *, weights=Non
     w = m if weights is None else xp.asarray(weights, dtype=xp.float32) * m
     w2 = pad_to(w * w, pshape)
     d = half_spectrum(dipole_kernel(pshape, voxel_size_mm, b0_direction, xp=xp))
-    gs, g2 = _gradient_kernels(pshape, voxel_size_mm, xp)
+    g2 = _gradient_symbol(pshape, voxel_size_mm, xp)
     mu1 = float(mu_gradient) if mu_gradient is not None else 100.0 * float(alpha)
     mu2 = float(mu_data)
     denom = (mu1 * g2 + mu2 * d * d).astype(xp.float32)
@@ -138,7 +138,7 @@ def fansi_wtv(local_field_ppm, mask, voxel_size_mm, b0_direction, *, weights=Non
     chi = xp.zeros(pshape, dtype=xp.float32)
     z = [xp.zeros(pshape, dtype=xp.float32) for _ in range(3)]
     s = [xp.zeros(pshape, dtype=xp.float32) for _ in range(3)]
-    z2 = f.copy()
+    z2 = xp.where(w2 > 0, f, 0.0).astype(xp.float32)  # unreliable data must not seed the solution
     s2 = xp.zeros(pshape, dtype=xp.float32)
     update = float("inf")
     it = 0

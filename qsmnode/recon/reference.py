@@ -66,9 +66,8 @@ def find_csf(chi_ppm, mask, r2star_per_s, voxel_size_mm, *, r2star_max_per_s=15.
     # low local variance of chi (3x3x3 neighbourhood): drop veins, plexus, partial volume
     mean = ndimage.uniform_filter(chi, 3)
     var = np.maximum(ndimage.uniform_filter(chi * chi, 3) - mean * mean, 0)
-    limit = np.percentile(var[candidate], 75)
+    limit = np.percentile(var[candidate], 90)
     candidate &= var <= limit
-    candidate = ndimage.binary_opening(candidate)
     labels, n = ndimage.label(candidate)
     if n == 0:
         return None
