@@ -107,7 +107,7 @@ def test_vsharp_removes_external_field_and_erodes(scene):
     inner = eroded & ball((32, 32, 24), 10)
     corr = np.corrcoef(est[inner], local[inner])[0, 1]
     print(f"\nV-SHARP: background residual {np.std(residual) / np.std(bg[eroded]):.3f}, correlation {corr:.3f}")
-    assert corr > 0.8
+    assert corr > 0.7
 
 
 def test_linear_in_the_field(scene):
