@@ -100,8 +100,8 @@ def _tokens(values) -> list[str]:
 
 def refusal_reason(ds: Dataset, vendor: str, records: list[frames.ImageRecord] | None = None) -> str | None:
     """Why this instance (and so its series) can never be a QSM input, or None. Header only."""
-    modality = str(ds.get("Modality", "") or "")
-    sop_class = str(ds.get("SOPClassUID", "") or "")
+    modality = (frames.text_values(ds, "Modality") or [""])[0]
+    sop_class = (frames.text_values(ds, "SOPClassUID") or [""])[0]
     if modality != "MR" or (sop_class and sop_class not in MR_SOP_CLASSES):
         name = pydicom.uid.UID(sop_class).name if sop_class else "no SOP class"
         return (f"not an MR image (Modality '{modality}', {name}): QSM needs the multi-echo GRE "
@@ -109,14 +109,14 @@ def refusal_reason(ds: Dataset, vendor: str, records: list[frames.ImageRecord] |
     reason = transfer_syntax_refusal(ds)
     if reason:
         return reason
-    type_sets = [_tokens(ds.get("ImageType"))]
+    type_sets = [_tokens(frames.text_values(ds, "ImageType"))]
     if records:
         type_sets += list({tuple(_tokens(r.image_type)) for r in records})
     units = {r.units for r in (records or []) if r.units}
     for tokens in type_sets:
         if any(t in _SCANNER_FIELD_MAP_TOKENS for t in tokens) or "Hz" in units:
             return REFUSAL_SCANNER_FIELD_MAP
-    sequence = " ".join(str(ds.get(k, "") or "") for k in ("SequenceName", "PulseSequenceName"))
+    sequence = " ".join(" ".join(frames.text_values(ds, k) or []) for k in ("SequenceName", "PulseSequenceName"))
     if vendor == "siemens" and any(_SIEMENS_FIELD_MAP_SEQUENCE.match(s) for s in sequence.split()):
         return REFUSAL_PHASE_DIFFERENCE
     for tokens in type_sets:
@@ -127,7 +127,7 @@ def refusal_reason(ds: Dataset, vendor: str, records: list[frames.ImageRecord] |
         if tokens and tokens[0] == "DERIVED":
             return (f"derived image (ImageType {'/'.join(tokens)}), not an original echo image: "
                     "send the original multi-echo GRE magnitude and phase series")
-    scanning = _tokens(ds.get("ScanningSequence"))
+    scanning = _tokens(frames.text_values(ds, "ScanningSequence"))
     if scanning and "GR" not in scanning and "EP" not in scanning:
         return (f"not a gradient-echo acquisition (ScanningSequence {'/'.join(scanning)}): QSM "
                 "needs a multi-echo GRE")
@@ -165,11 +165,11 @@ def acquisition_key(ds: Dataset, vendor: str, records: list[frames.ImageRecord])
     attrs = frames.acquisition_attributes(ds)
     freq = frames.imaging_frequency_mhz(ds)
     parts = (
-        str(ds.get("FrameOfReferenceUID", "") or ""),
+        (frames.text_values(ds, "FrameOfReferenceUID") or [""])[0],
         tuple(round(v, 3) + 0.0 for v in (first.orientation if first else ())),
         tuple(round(v, 4) for v in (first.pixel_spacing if first else ())),
         int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0),
-        str(ds.get("PatientID", "") or ""), str(ds.get("StudyDate", "") or ""),
+        (frames.text_values(ds, "PatientID") or [""])[0], (frames.text_values(ds, "StudyDate") or [""])[0],
         vendor, _r(freq, 3),
         _r(attrs["repetition_time_ms"], 2), _r(attrs["flip_angle_deg"], 1),
         attrs["acquisition_type"].upper(), _r(attrs["slice_thickness_mm"], 3),

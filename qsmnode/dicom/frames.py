@@ -43,6 +43,50 @@ class ImageRecord:
     units: str | None  # Real World Value Mapping units code (e.g. 'Hz'), when present
 
 
+def text_values(ds: Dataset, keyword: str) -> list[str] | None:
+    """The values of a string element (CS, DS, IS, LO, SH, UI ...) as ``str`` without pydicom's
+    value conversion (fast path for headers read from files: the raw bytes are split on '\\').
+    None when absent or empty."""
+    try:
+        elem = ds.get_item(keyword)
+    except (KeyError, ValueError):
+        return None
+    if elem is None:
+        return None
+    value = elem.value
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        text = value.decode("latin-1").strip(" \x00")
+        return [v.strip(" \x00") for v in text.split("\\")] if text else None
+    if isinstance(value, str):
+        return [value] if value != "" else None
+    try:
+        values = [str(v) for v in value]
+    except TypeError:
+        values = [str(value)]
+    return values or None
+
+
+def float_values(ds: Dataset, keyword: str, n: int | None = None) -> tuple[float, ...] | None:
+    """Numeric values of a DS/IS/FD element as floats (fast path, see :func:`text_values`)."""
+    values = text_values(ds, keyword)
+    if values is None:
+        return None
+    try:
+        out = tuple(float(v) for v in values)
+    except ValueError:
+        return None
+    if n is not None and len(out) != n:
+        return None
+    return out
+
+
+def float_value(ds: Dataset, keyword: str, default=None):
+    values = float_values(ds, keyword)
+    return values[0] if values else default
+
+
 def is_enhanced(ds: Dataset) -> bool:
     return str(ds.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES or (
         "PerFrameFunctionalGroupsSequence" in ds)
@@ -102,10 +146,11 @@ def classic_component(ds: Dataset, vendor: str) -> tuple[str | None, str]:
             comp = vendors.ge_component(code if not isinstance(code, bytes) else int.from_bytes(code[:2], "little", signed=True))
             if comp:
                 return comp, f"ge: component '{comp}' from private (0043,102F) = {code}"
-    comp = vendors.component_from_word(ds.get("ComplexImageComponent"))
+    word = text_values(ds, "ComplexImageComponent")
+    comp = vendors.component_from_word(word[0] if word else None)
     if comp:
         return comp, f"{vendor}: component '{comp}' from ComplexImageComponent"
-    return vendors.component_from_image_type(ds.get("ImageType"), vendor)
+    return vendors.component_from_image_type(text_values(ds, "ImageType"), vendor)
 
 
 def _units(item: Dataset | None) -> str | None:
@@ -121,20 +166,20 @@ def image_records(ds: Dataset, vendor: str) -> list[ImageRecord]:
     """Records for every image of ``ds`` (header only)."""
     if not is_enhanced(ds):
         comp, rule = classic_component(ds, vendor)
-        te = ds.get("EchoTime")
+        echo_numbers = float_values(ds, "EchoNumbers")
         return [ImageRecord(
             frame=None,
-            position=_floats(ds.get("ImagePositionPatient"), 3) or (0.0, 0.0, 0.0),
-            orientation=_floats(ds.get("ImageOrientationPatient"), 6) or (),
-            pixel_spacing=_floats(ds.get("PixelSpacing"), 2) or (1.0, 1.0),
-            echo_time_ms=float(te) if te not in (None, "") else None,
-            echo_number=_int_or_none(ds.get("EchoNumbers")),
+            position=float_values(ds, "ImagePositionPatient", 3) or (0.0, 0.0, 0.0),
+            orientation=float_values(ds, "ImageOrientationPatient", 6) or (),
+            pixel_spacing=float_values(ds, "PixelSpacing", 2) or (1.0, 1.0),
+            echo_time_ms=float_value(ds, "EchoTime"),
+            echo_number=int(echo_numbers[0]) if echo_numbers else None,
             component=comp,
             component_rule=rule,
-            slope=float(ds.get("RescaleSlope", 1) or 1),
-            intercept=float(ds.get("RescaleIntercept", 0) or 0),
-            image_type=tuple(str(t) for t in (ds.get("ImageType") or [])),
-            units=_units(_first(ds, "RealWorldValueMappingSequence")),
+            slope=float_value(ds, "RescaleSlope", 1.0) or 1.0,
+            intercept=float_value(ds, "RescaleIntercept", 0.0),
+            image_type=tuple(text_values(ds, "ImageType") or ()),
+            units=_units(_first(ds, "RealWorldValueMappingSequence")) if "RealWorldValueMappingSequence" in ds else None,
         )]
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frames = ds.get("PerFrameFunctionalGroupsSequence") or []
@@ -180,9 +225,9 @@ def image_records(ds: Dataset, vendor: str) -> list[ImageRecord]:
 def imaging_frequency_mhz(ds: Dataset) -> float | None:
     """ImagingFrequency (MHz): top level (classic), else TransmitterFrequency in the MR Imaging
     Modifier functional group (Enhanced MR), else Philips' private per-frame copy."""
-    value = ds.get("ImagingFrequency")
-    if value not in (None, ""):
-        return float(value)
+    value = float_value(ds, "ImagingFrequency")
+    if value is not None:
+        return value
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frames = ds.get("PerFrameFunctionalGroupsSequence") or []
     for owner in [shared] + list(per_frames[:1]):
@@ -203,9 +248,9 @@ def imaging_frequency_mhz(ds: Dataset) -> float | None:
 def acquisition_attributes(ds: Dataset) -> dict:
     """Acquisition-level attributes that every image of one acquisition shares (classic or
     enhanced): TR (ms), flip angle (deg), acquisition type, slice thickness (mm)."""
-    tr = ds.get("RepetitionTime")
-    flip = ds.get("FlipAngle")
-    thickness = ds.get("SliceThickness")
+    tr = float_value(ds, "RepetitionTime")
+    flip = float_value(ds, "FlipAngle")
+    thickness = float_value(ds, "SliceThickness")
     if is_enhanced(ds):
         shared = _first(ds, "SharedFunctionalGroupsSequence")
         per = (ds.get("PerFrameFunctionalGroupsSequence") or [None])[0]
@@ -226,7 +271,7 @@ def acquisition_attributes(ds: Dataset) -> dict:
     return {
         "repetition_time_ms": num(tr),
         "flip_angle_deg": num(flip),
-        "acquisition_type": str(ds.get("MRAcquisitionType", "") or ""),
+        "acquisition_type": (text_values(ds, "MRAcquisitionType") or [""])[0],
         "slice_thickness_mm": num(thickness),
     }
 

@@ -399,10 +399,10 @@ def _assemble(group: _Group) -> Acquisition:
     # pixel_array.T without a copy and every echo volume is one contiguous block.
     rows, cols = int(first_inst.ds.Rows), int(first_inst.ds.Columns)
     mag_phase = pair == ("magnitude", "phase")
-    a = np.zeros((n_echoes, n_slices, rows, cols), dtype=np.float32)
-    # phase stays as stored integers until one look-up table maps it to exp(i * phase)
-    b = np.zeros(a.shape, dtype=np.int32 if mag_phase else np.float32)
-    phase_scales: dict[tuple[float, float], list[tuple[int, int]]] = defaultdict(list)
+    shape = (n_echoes, n_slices, rows, cols)
+    raw: dict[str, np.ndarray] = {}  # stored values, as stored (every plane is written: complete grid)
+    slopes = {c: np.ones((n_echoes, n_slices)) for c in pair}
+    intercepts = {c: np.zeros((n_echoes, n_slices)) for c in pair}
     for (inst, rec), k, e in zip(items, slice_idx, echo_idx):
         if rec.component not in pair:
             continue
@@ -411,52 +411,80 @@ def _assemble(group: _Group) -> Acquisition:
                                "send one acquisition")
         if inst.pixels is None:
             inst.pixels = _stored_pixels(inst.ds)
-        if rec.component == pair[0] or not mag_phase:
-            plane = (a if rec.component == pair[0] else b)[e, k]
-            plane[...] = inst.pixels[rec.frame or 0]
-            if rec.slope != 1.0:
-                plane *= np.float32(rec.slope)
-            if rec.intercept != 0.0:
-                plane += np.float32(rec.intercept)
-        else:
-            b[e, k] = inst.pixels[rec.frame or 0]
-            phase_scales[(rec.slope, rec.intercept)].append((k, e))
+        frame = inst.pixels[rec.frame or 0]
+        target = raw.get(rec.component)
+        if target is None:
+            dtype = frame.dtype if frame.dtype.kind in "ui" and frame.dtype.itemsize <= 2 else np.float32
+            target = raw[rec.component] = np.empty(shape, dtype=dtype)
+        elif not np.can_cast(frame.dtype, target.dtype, "safe"):
+            target = raw[rec.component] = target.astype(np.float32)
+        target[e, k] = frame
+        slopes[rec.component][e, k] = rec.slope
+        intercepts[rec.component][e, k] = rec.intercept
         if rec.frame is None or rec.frame == len(inst.records) - 1:
             inst.pixels = None  # release as soon as the instance is used up
     for inst, _ in items:
         inst.pixels = None
 
-    signal_ekrc = np.empty(a.shape, dtype=np.complex64)
+    def rescaled(c: str, e: int) -> np.ndarray:
+        """Rescaled values (float32 [slice, row, col]) of component ``c`` at echo ``e``."""
+        out = raw[c][e].astype(np.float32)
+        s_e, i_e = slopes[c][e], intercepts[c][e]
+        if np.all(s_e == s_e[0]) and np.all(i_e == i_e[0]):
+            if s_e[0] != 1.0:
+                out *= np.float32(s_e[0])
+            if i_e[0] != 0.0:
+                out += np.float32(i_e[0])
+            return out
+        return out * s_e[:, None, None].astype(np.float32) + i_e[:, None, None].astype(np.float32)
+
+    signal_ekrc = np.empty(shape, dtype=np.complex64)
     if mag_phase:
-        if float(a.min()) < 0:
-            warnings.append("negative magnitude values found; taken as absolute values")
-            np.abs(a, out=a)
         bits = int(first_inst.ds.get("BitsStored", 12))
         pixrep = int(first_inst.ds.get("PixelRepresentation", 0))
-        lo, hi = int(b.min()), int(b.max())
-        rules = set()
-        for (slope, intercept), planes in phase_scales.items():
+        ph_raw = raw["phase"]
+        lo, hi = float(ph_raw.min()), float(ph_raw.max())
+        scales = {}
+        for slope, intercept in set(zip(slopes["phase"].ravel(), intercepts["phase"].ravel())):
             observed = tuple(sorted((lo * slope + intercept, hi * slope + intercept)))
-            ca, cb, rule = vendors.phase_scale(vendor, slope, intercept, bits, pixrep, observed)
-            rules.add(rule)
-            if len(phase_scales) == 1 and hi - lo < 1 << 20:
-                rad = (np.arange(lo, hi + 1, dtype=np.float64) * slope + intercept) * ca + cb
-                lut = np.exp(1j * rad).astype(np.complex64)
-                for e in range(n_echoes):  # per echo: bounded temporaries
-                    if lo:
-                        b[e] -= lo
-                    np.multiply(a[e], lut[b[e]], out=signal_ekrc[e])
+            scales[(slope, intercept)] = vendors.phase_scale(vendor, slope, intercept, bits, pixrep, observed)
+        provenance.extend(sorted({rule for _, _, rule in scales.values()}))
+        negative = False
+        use_lut = len(scales) == 1 and ph_raw.dtype.kind in "ui"
+        if use_lut:
+            (slope, intercept), (ca, cb, _) = next(iter(scales.items()))
+            base = int(min(lo, 0))
+            rad = (np.arange(base, int(hi) + 1, dtype=np.float64) * slope + intercept) * ca + cb
+            lut = np.exp(1j * rad).astype(np.complex64)
+        for e in range(n_echoes):  # per echo: bounded temporaries
+            mag = rescaled("magnitude", e)
+            if float(mag.min()) < 0:
+                negative = True
+                np.abs(mag, out=mag)
+            if use_lut:
+                index = ph_raw[e] if base == 0 else ph_raw[e].astype(np.int32) - base
+                np.multiply(mag, lut[index], out=signal_ekrc[e])
             else:
-                for k, e in planes:
-                    rad = (b[e, k] * slope + intercept) * ca + cb
-                    signal_ekrc[e, k] = a[e, k] * np.exp(1j * rad.astype(np.float32))
-        provenance.extend(sorted(rules))
+                v = rescaled("phase", e)
+                a_k = np.array([scales[(sl, ic)][0] for sl, ic in zip(slopes["phase"][e], intercepts["phase"][e])],
+                               dtype=np.float32)[:, None, None]
+                b_k = np.array([scales[(sl, ic)][1] for sl, ic in zip(slopes["phase"][e], intercepts["phase"][e])],
+                               dtype=np.float32)[:, None, None]
+                phase = v * a_k + b_k
+                signal_ekrc[e].real = mag * np.cos(phase)
+                signal_ekrc[e].imag = mag * np.sin(phase)
+        if negative:
+            warnings.append("negative magnitude values found; taken as absolute values")
     else:
-        signal_ekrc.real = a
-        signal_ekrc.imag = b
-    del a, b
+        for e in range(n_echoes):
+            signal_ekrc[e].real = rescaled(pair[0], e)
+            signal_ekrc[e].imag = rescaled(pair[1], e)
+    del raw
     signal = signal_ekrc.transpose(3, 2, 1, 0)
 
+    if vendor == "philips":
+        provenance.append("philips: display rescale (RescaleSlope/Intercept, per frame when enhanced) "
+                          "used for magnitude and phase; private scale slope (2005,100E) not applied")
     comp_rules = sorted({rec.component_rule for _, rec in used if rec.component_rule})
     provenance.extend(comp_rules[:4])
     if vendors.phase_sign_factor(vendor) < 0:
