@@ -73,7 +73,7 @@ def smooth_complex(values, weight, voxel_size_mm, sigma_mm):
 
 
 def mcpc3ds_phase_offset(signal, echo_times_s, mask, voxel_size_mm, *, sigma_mm=4.0,
-                         smoothing_passes=3, echoes=(0, 1)):
+                         smoothing_passes=3, echoes=(0, 1), unwrap_method="romeo"):
     """Estimate the receive-phase offset phi0 (radians) by MCPC-3D-S (Eckstein 2018).
 
     signal : complex [i, j, k, echo] (>= 2 echoes). echo_times_s : (n_echo,) s.
@@ -83,7 +83,8 @@ def mcpc3ds_phase_offset(signal, echo_times_s, mask, voxel_size_mm, *, sigma_mm=
     residual ("twicing", Tukey JW 1977): pass n smooths exp(i (phi0_raw - estimate)) and adds
     its angle, which removes the bias of plain smoothing at the mask edge and where phi0 curves
     (on the phantom: 99th percentile error 0.07 rad after one pass, 0.02 rad after three).
-    echoes : the pair (a, b) used.
+    echoes : the pair (a, b) used. unwrap_method : how the phase difference is unwrapped
+    (``romeo`` default, ``laplacian`` or ``skimage``; see :func:`qsmnode.recon.unwrap.unwrap_phase`).
     Returns ``(phase_offset, hip_unwrapped, hip_quality)``: phi0 float32 [i, j, k] defined
     everywhere; the spatially unwrapped phase difference phi_b - phi_a (float32, 0 outside mask,
     = 2 pi f (TE_b - TE_a)); and the ROMEO voxel reliability of that difference in [0, 1].
@@ -95,8 +96,15 @@ def mcpc3ds_phase_offset(signal, echo_times_s, mask, voxel_size_mm, *, sigma_mm=
     hip_mag = xp.sqrt(xp.abs(hip))
     weights = edge_weights(to_host(xp.angle(hip)), to_host(hip_mag))
     quality = voxel_quality(weights, hip.shape)
-    hip_unwrapped = unwrap_quality_guided(xp.angle(hip).astype(xp.float32), mask,
-                                          weights=weights, center=True)
+    if unwrap_method == "romeo":
+        hip_unwrapped = unwrap_quality_guided(xp.angle(hip).astype(xp.float32), mask,
+                                              weights=weights, center=True)
+    else:
+        hip_unwrapped = unwrap_phase(xp.angle(hip).astype(xp.float32), mask, hip_mag,
+                                     method=unwrap_method, voxel_size_mm=voxel_size_mm)
+        m = xp.asarray(mask, dtype=bool)
+        shift = xp.rint(xp.median(hip_unwrapped[m]) / xp.float32(2 * np.pi))
+        hip_unwrapped = xp.where(m, hip_unwrapped - xp.float32(2 * np.pi) * shift, 0.0)
     d_te = te[b] - te[a]
     phi0_raw = xp.angle(signal[..., a]) - xp.float32(te[a] / d_te) * hip_unwrapped
     weight = xp.asarray(mask, dtype=xp.float32)
@@ -276,7 +284,8 @@ def _estimate_total_field_box(signal, te, mask, voxel_size_mm, offset_sigma_mm, 
     else:
         t0 = time.perf_counter()
         offset, hip_unwrapped, quality = mcpc3ds_phase_offset(
-            signal, te, mask, voxel_size_mm, sigma_mm=offset_sigma_mm)
+            signal, te, mask, voxel_size_mm, sigma_mm=offset_sigma_mm,
+            unwrap_method=unwrap_method)
         corrected = remove_phase_offset(signal, offset)
         steps.append(StepRecord("phase_offset", "MCPC-3D-S", MCPC3DS_REFERENCE,
                                 {"echoes": [1, 2], "sigma_mm": offset_sigma_mm,
@@ -285,9 +294,10 @@ def _estimate_total_field_box(signal, te, mask, voxel_size_mm, offset_sigma_mm, 
         t0 = time.perf_counter()
         unwrapped = unwrap_temporal(xp.angle(corrected).astype(xp.float32), te, hip_unwrapped,
                                     te[1] - te[0], mask, magnitude)
-        steps.append(StepRecord("unwrapping", "ROMEO-style quality-guided (echo 2 - echo 1) "
+        steps.append(StepRecord("unwrapping", f"{unwrap_method} spatial (echo 2 - echo 1) "
                                 "+ temporal template unwrapping", ROMEO_REFERENCE,
-                                {"template": "phase difference echo 2 - echo 1"},
+                                {"template": "phase difference echo 2 - echo 1",
+                                 "spatial_method": unwrap_method},
                                 time.perf_counter() - t0))
     t0 = time.perf_counter()
     field_hz, noise_hz = combine_echoes(unwrapped, magnitude, te, mask=mask,

@@ -58,6 +58,19 @@ def test_total_field_matches_truth_within_noise(case):
     assert np.corrcoef(r.total_field_hz[b], freq_hz[b])[0, 1] > 0.999
 
 
+@pytest.mark.parametrize("method", ["laplacian", "skimage"])
+def test_other_unwrapping_methods_for_the_template(method):
+    if method == "skimage":
+        pytest.importorskip("skimage")
+    p = head_phantom((48, 48, 36), (4.0, 4.0, 4.0))
+    field = total_field_ppm(p.chi_ppm, p.voxel_size_mm, (0, 0, 1))
+    s = simulate_gre(p, 3.0, TE, (0, 0, 1), snr=100.0, field_ppm=field)
+    r = estimate_total_field(s, TE, p.brain_mask, p.voxel_size_mm, unwrap_method=method)
+    err = (r.total_field_hz - field_ppm_to_hz(field, 3.0))[p.brain_mask]
+    assert np.percentile(np.abs(err - np.median(err)), 95) < 1.0
+    assert r.steps[1].parameters["spatial_method"] == method
+
+
 def test_single_echo_field():
     p = head_phantom((48, 48, 36), (4.0, 4.0, 4.0))
     field = total_field_ppm(p.chi_ppm, p.voxel_size_mm, (0, 0, 1))
