@@ -84,7 +84,8 @@ def mcpc3ds_phase_offset(signal, echo_times_s, mask, voxel_size_mm, *, sigma_mm=
     its angle, which removes the bias of plain smoothing at the mask edge and where phi0 curves
     (on the phantom: 99th percentile error 0.07 rad after one pass, 0.02 rad after three).
     echoes : the pair (a, b) used. unwrap_method : how the phase difference is unwrapped
-    (``romeo`` default, ``laplacian`` or ``skimage``; see :func:`qsmnode.recon.unwrap.unwrap_phase`).
+    (``romeo`` default, ``laplacian`` or ``skimage``; see
+    :func:`qsmnode.recon.unwrap.unwrap_phase`).
     Returns ``(phase_offset, hip_unwrapped, hip_quality)``: phi0 float32 [i, j, k] defined
     everywhere; the spatially unwrapped phase difference phi_b - phi_a (float32, 0 outside mask,
     = 2 pi f (TE_b - TE_a)); and the ROMEO voxel reliability of that difference in [0, 1].

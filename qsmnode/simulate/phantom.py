@@ -222,7 +222,8 @@ def _tube(x, y, z, points, radius_mm):
         length2 = max(float(ab @ ab), 1e-12)
         t = ((xs - a[0]) * ab[0] + (ys - a[1]) * ab[1] + (zs - a[2]) * ab[2]) / length2
         t = np.clip(t, 0.0, 1.0)
-        d2 = (xs - a[0] - t * ab[0]) ** 2 + (ys - a[1] - t * ab[1]) ** 2 + (zs - a[2] - t * ab[2]) ** 2
+        d2 = ((xs - a[0] - t * ab[0]) ** 2 + (ys - a[1] - t * ab[1]) ** 2
+              + (zs - a[2] - t * ab[2]) ** 2)
         inside[tuple(box)] |= d2 <= radius_mm**2
     return inside
 
