@@ -12,6 +12,11 @@ Steps (one pass over the headers, then one decode of the pixels that are used):
    spacing, collinear slices) and refuse with a reason otherwise;
 4. decode pixels, apply the vendor rules (rescale, phase scaling to radians, phase sign,
    GE alternate-slice pi offset) and return the complex signal on the array axes of DESIGN.md.
+
+Memory layout: ``Acquisition.signal`` is complex64 ``[i, j, k, echo]`` in Fortran order (a view
+of ``[echo, k, j, i]`` planes), so each echo volume ``signal[..., e]`` is one contiguous block and
+``signal[:, :, k, e] == pixel_array.T`` without copies. Use ``np.ascontiguousarray`` where a
+C-ordered array is required.
 """
 
 from __future__ import annotations
