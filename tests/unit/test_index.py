@@ -94,3 +94,24 @@ def test_claims_from_threads_never_hand_out_a_job_twice(tmp_path):
     for t in threads:
         t.join()
     assert sorted(got) == sorted(f"job-{n}-1" for n in range(40))
+
+
+def test_jobs_and_retry_commands(tmp_path, capsys):
+    from qsmnode.cli import main
+
+    index = Index(tmp_path / "index.sqlite")
+    job = index.create_job(3, 1, rule="default", preset="auto", destinations=[{"name": "pacs"}])
+    index.claim_next_job()
+    index.finish_job(job, "failed", reason="InputRefused: echo 3 of the phase series is missing")
+    index.close()
+    assert main(["jobs", "--storage", str(tmp_path), "--state", "failed"]) == 0
+    out = capsys.readouterr().out
+    assert job in out and "echo 3 of the phase series is missing" in out and "pacs" in out
+    assert main(["retry", "--storage", str(tmp_path), job]) == 0
+    assert "queued" in capsys.readouterr().out
+    assert main(["retry", "--storage", str(tmp_path), job]) == 2  # queued jobs cannot be retried again
+    assert "only failed or done jobs" in capsys.readouterr().err
+    assert main(["retry", "--storage", str(tmp_path), "job-9-9"]) == 2
+    assert "no job 'job-9-9'" in capsys.readouterr().err
+    assert main(["jobs", "--storage", str(tmp_path / "nowhere")]) == 2
+    assert "no node index" in capsys.readouterr().err

@@ -76,3 +76,40 @@ def test_remove_files_and_write_durably(tmp_path):
     assert target.read_bytes() == b"[1]" and sorted(os.listdir(tmp_path)) == ["s", "src0.dcm", "x.json"]
     assert spool.free_mb() > 0
     assert pydicom.dcmread(path2).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_retention_deletes_only_delivered_work_after_the_keep_time(tmp_path):
+    from qsmnode.config import NodeConfig
+    from qsmnode.node.dispatch import Destination, Dispatcher
+    from qsmnode.node.retention import Retention
+
+    storage = tmp_path / "s"
+    cfg = NodeConfig(storage=storage, retention_hours=1.0, pressure_free_disk_mb=0.0)
+    spool, index = Spool(storage), Index(cfg.db_path)
+    dispatcher = Dispatcher(cfg.db_path, "QSMNODE")  # real outbox, never started: nothing gets delivered
+    jobs = {}
+    for n, dests in ((1, []), (2, [{"name": "pacs", "kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1",
+                                   "port": 1}])):
+        ds, data = mr_bytes(tmp_path, n, series=f"1.2.3.{n}")
+        path, _ = spool.store(ds.SeriesInstanceUID, ds.SOPInstanceUID, data)
+        index.add_instance(ds.SOPInstanceUID, ds.SeriesInstanceUID, "1.2.3", path, received_at=0.0)
+        (row,) = index.unclassified()
+        acq = index.record_classification(row, component="magnitude", echo_numbers=(1,), instance_number=1,
+                                          acquisition_key=f"k{n}", expected_in_series=1)
+        index.set_acquisition_state(acq, "queued")
+        job = index.create_job(acq, 1, rule="r", preset="auto", destinations=dests)
+        out = storage / "outputs" / job
+        out.mkdir(parents=True)
+        (out / "qsm.dcm").write_bytes(data)  # a real DICOM file: the outbox reads its file meta
+        index.claim_next_job()
+        index.finish_job(job, "done", output_dir=str(out), outputs=[str(out / "qsm.dcm")])
+        if dests:
+            dispatcher.enqueue(job, Destination(**dests[0]), [out / "qsm.dcm"])
+        jobs[n] = (job, path, out)
+    retention = Retention(cfg, index, spool, dispatcher)
+    t_done = index.job(jobs[1][0])["finished_at"]
+    assert retention.sweep(now=t_done + 60) == 0  # within the keep time: nothing goes
+    assert retention.sweep(now=t_done + 7200) == 1  # job 1 (no destinations) goes; job 2 is not delivered
+    assert not jobs[1][1].exists() and not jobs[1][2].exists() and index.job(jobs[1][0])["purged"] == 1
+    assert jobs[2][1].exists() and jobs[2][2].exists()
+    assert dispatcher.pending() == 1

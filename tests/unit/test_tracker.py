@@ -126,3 +126,22 @@ def test_describe_missing_names_echoes():
              for n, e in ((1, "1"), (2, "2"), (3, "1"), (5, "1"))]
     (line,) = describe_missing(series, insts)
     assert "4 of 6" in line and "(InstanceNumber) 4, 6" in line and "echo 2 has 1 of 3" in line
+
+
+def test_test_rule_command_explains_the_match(scan, tmp_path, capsys):
+    from qsmnode.cli import main
+
+    by_type = {}
+    for p in scan.paths:
+        by_type.setdefault(pydicom.dcmread(p, stop_before_pixels=True).ImageType[2], p)
+    assert main(["test-rule", str(by_type["M"]), str(by_type["P"])]) == 0
+    out = capsys.readouterr().out
+    assert "rule 'default': MATCHES" in out and "phase information present" in out
+    assert main(["test-rule", str(by_type["M"])]) == 1
+    assert "no phase" in capsys.readouterr().out
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[destination]]\nname = "pacs"\naddress = "PACS@127.0.0.1:4242"\n'
+                   '[[rule]]\nname = "gre-only"\ndestinations = ["pacs"]\n[rule.match.tags]\n'
+                   'SeriesDescription = "^t1"\n')
+    assert main(["test-rule", "--config", str(cfg), str(by_type["M"]), str(by_type["P"])]) == 1
+    assert "matches none of ['^t1']" in capsys.readouterr().out
