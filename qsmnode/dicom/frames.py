@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from qsmnode.dicom import vendors
@@ -115,17 +114,6 @@ def _floats(values, n: int | None = None) -> tuple[float, ...] | None:
     if n is not None and len(out) != n:
         return None
     return out
-
-
-def _int_or_none(value) -> int | None:
-    try:
-        if value is None or value == "":
-            return None
-        if hasattr(value, "__len__") and not isinstance(value, str):
-            value = value[0]
-        return int(value)
-    except (TypeError, ValueError, IndexError):
-        return None
 
 
 def ge_image_type_code(ds: Dataset):
@@ -274,7 +262,3 @@ def acquisition_attributes(ds: Dataset) -> dict:
         "acquisition_type": (text_values(ds, "MRAcquisitionType") or [""])[0],
         "slice_thickness_mm": num(thickness),
     }
-
-
-def is_pydicom_dataset(obj) -> bool:
-    return isinstance(obj, pydicom.Dataset)
