@@ -119,16 +119,17 @@ def ge_component(code) -> str | None:
 def phase_scale(vendor: str, slope: float, intercept: float, bits_stored: int,
                 pixel_representation: int, observed: tuple[float, float] | None = None,
                 ) -> tuple[float, float, str]:
-    """Map stored phase values to radians: ``rad = stored * a + b``; returns ``(a, b, rule)``.
+    """How rescaled phase values map to radians: ``rad = v * a + b`` with
+    ``v = stored * slope + intercept``; returns ``(a, b, rule)``.
 
-    The rescaled value ``v = stored * slope + intercept`` is interpreted by its possible range
-    (from BitsStored and PixelRepresentation), which is what tells the vendor conventions apart:
+    The possible range of ``v`` (from BitsStored, PixelRepresentation and the rescale) tells the
+    vendor conventions apart:
 
-    - v spans about [-pi, pi]: radians already.
-    - v spans about [-3142, 3142] (Philips display rescale, GE): milliradians.
-    - v spans [-4096, 4094] (Siemens with RescaleSlope 2 / Intercept -4096): ``v * pi / 4096``.
-    - v spans [0, 2^bits - 1] (Siemens without rescale, 12-bit): ``(v - 2^(bits-1)) * pi / 2^(bits-1)``.
-    - v spans [-2^(bits-1), 2^(bits-1) - 1] (signed, no rescale): ``v * pi / 2^(bits-1)``.
+    - about [-pi, pi]: radians already (a = 1).
+    - about [-3142, 3142] (Philips display rescale, GE): milliradians (a = 1/1000).
+    - [-4096, 4094] (Siemens, RescaleSlope 2 / Intercept -4096): ``v * pi / 4096``.
+    - [0, 2^bits - 1] (Siemens without rescale, 12-bit): ``(v - 2^(bits-1)) * pi / 2^(bits-1)``.
+    - [-2^(bits-1), 2^(bits-1) - 1] (signed, no rescale): ``v * pi / 2^(bits-1)``.
 
     When the header range is wide (16-bit signed, as GE writes) ``observed`` (min, max of the
     rescaled values) decides between radians, milliradians, +-4096 and +-32768.
@@ -138,28 +139,27 @@ def phase_scale(vendor: str, slope: float, intercept: float, bits_stored: int,
         lo_s, hi_s = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     else:
         lo_s, hi_s = 0, 2**bits - 1
-    ends = sorted([lo_s * slope + intercept, hi_s * slope + intercept])
-    lo, hi = ends
+    lo, hi = sorted([lo_s * slope + intercept, hi_s * slope + intercept])
+    step = abs(slope) or 1.0
     if observed is not None and (hi - lo) > 20000 and lo < 0:
         m = max(abs(float(observed[0])), abs(float(observed[1])))
         for bound in (math.pi * 1.001, 3142.0 * 1.001, 4096.0, 32768.0):
             if m <= bound:
                 break
         lo, hi = -bound, bound
-    span = hi - lo
-    if hi <= 3.5 and lo >= -3.5 and span > 5.0:
-        return slope, intercept, f"{vendor}: phase already in radians (rescaled range {lo:.3f}..{hi:.3f})"
+    if hi <= 3.5 and lo >= -3.5 and hi - lo > 5.0:
+        return 1.0, 0.0, f"{vendor}: phase already in radians (rescaled range {lo:.3f}..{hi:.3f})"
     if 2800 <= max(abs(lo), abs(hi)) <= 3300 and lo < 0 < hi:
-        return (slope / 1000.0, intercept / 1000.0,
-                f"{vendor}: phase in milliradians via rescale (slope {slope:g}, intercept {intercept:g}) -> /1000")
+        return (1e-3, 0.0, f"{vendor}: phase in milliradians (rescale slope {slope:g}, "
+                f"intercept {intercept:g}, range {lo:g}..{hi:g}) -> v / 1000")
     if lo < 0 < hi:
-        half = max(abs(lo), abs(hi + (slope if slope > 0 else 0)))
-        half = 2.0 ** round(math.log2(half)) if half > 0 else 1.0
-        return (slope * math.pi / half, intercept * math.pi / half,
-                f"{vendor}: signed phase range {lo:g}..{hi:g} -> v * pi / {half:g}")
-    half = 2.0 ** round(math.log2(max(hi - lo + slope, 1.0))) / 2.0
-    return (slope * math.pi / half, (intercept - lo - half) * math.pi / half,
-            f"{vendor}: unsigned phase range {lo:g}..{hi:g} -> (v - {lo + half:g}) * pi / {half:g}")
+        half = 2.0 ** round(math.log2(max(abs(lo), abs(hi) + step)))
+        return (math.pi / half, 0.0,
+                f"{vendor}: signed phase (rescaled range {lo:g}..{hi:g}) -> v * pi / {half:g}")
+    half = 2.0 ** round(math.log2(hi - lo + step)) / 2.0
+    centre = lo + half
+    return (math.pi / half, -centre * math.pi / half,
+            f"{vendor}: unsigned phase (rescaled range {lo:g}..{hi:g}) -> (v - {centre:g}) * pi / {half:g}")
 
 
 # --------------------------------------------------------------------------- GE slice offset
