@@ -30,6 +30,17 @@ from qsmnode.errors import ReconstructionError
 from qsmnode.recon.backend import array_module, to_host
 
 
+def _bounding_box(mask, margin):
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return tuple(slice(0, n) for n in mask.shape)
+        box.append(slice(max(0, int(hit[0]) - margin),
+                         min(mask.shape[axis], int(hit[-1]) + 1 + margin)))
+    return tuple(box)
+
+
 def _largest_component(mask):
     labels, n = ndimage.label(mask)
     if n <= 1:
@@ -130,6 +141,11 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
     if top <= 0:
         raise ReconstructionError("magnitude is zero everywhere", "send a series with signal")
     head = mag > 0.1 * top
+    # everything below runs on the head's bounding box (exact: nothing outside it is signal)
+    margin = int(np.ceil(erosion_mm / min(vox))) + 2
+    box = _bounding_box(head, margin)
+    full_shape = mag.shape
+    mag, head = mag[box], head[box]
     bias = receive_bias_estimate(mag, head, vox, bias_sigma_mm)
     normalised = mag / np.maximum(bias, np.float32(1e-6 * top))
     level = float(np.median(normalised[head])) if head.any() else 1.0
@@ -146,7 +162,15 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
         mask = ndimage.binary_fill_holes(mask)
 
     if phase_quality is not None:
-        mask = _refine(mask, to_host(phase_quality), quality_threshold, fill_holes)
+        quality = to_host(phase_quality)
+        if quality.shape != full_shape:
+            raise ReconstructionError(
+                f"phase_quality {quality.shape} and magnitude {full_shape} differ in shape",
+                "pass a quality map of the same matrix")
+        mask = _refine(mask, quality[box], quality_threshold, fill_holes)
+    full = np.zeros(full_shape, bool)
+    full[box] = mask
+    mask = full
     if not mask.any():
         raise ReconstructionError("the brain mask is empty",
                                   "check that the series covers the head, or lower the threshold")
