@@ -182,3 +182,50 @@ def test_incomplete_acquisition_fails_after_the_cap_naming_the_missing_slices(no
     failed_cli = subprocess.run(["qsmnode", "jobs", "--storage", str(n.storage), "--state", "failed"],
                                 capture_output=True, text=True, timeout=60)
     assert job["id"] in failed_cli.stdout and "missing slices" in failed_cli.stdout
+
+
+def test_quick_start_flags_and_the_echo_and_send_commands(tmp_path, free_port):
+    require_tools(ECHOSCU_BIN)
+    import sys
+    import time
+
+    port = free_port()
+    storage = tmp_path / "q"
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "qsmnode.cli", "serve", "--aet", "QUICK", "--port", str(port),
+                             "--bind", "127.0.0.1", "--storage", str(storage), "--http-port", "-1",
+                             "--destination", "PACS@127.0.0.1:4242", "--device", "cpu"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "ready: DICOM" not in (tmp_path / "serve.log").read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        text = (tmp_path / "serve.log").read_text()
+        assert "node QUICK ready" in text and "rules default" in text and "destinations PACS" in text
+        echo = subprocess.run(["qsmnode", "echo", f"QUICK@127.0.0.1:{port}"], capture_output=True, text=True,
+                              timeout=60)
+        assert echo.returncode == 0 and "success" in echo.stdout, echo.stderr
+        paths = make_mr_instances(tmp_path / "in", 4, rows=16)
+        sent = subprocess.run(["qsmnode", "send", f"QUICK@127.0.0.1:{port}", str(tmp_path / "in")],
+                              capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0 and "sent 4 of 4" in sent.stdout, sent.stdout + sent.stderr
+        assert {p.stem for p in (storage / "spool").rglob("*.dcm")} == {sop_uid(p) for p in paths}
+        bad = subprocess.run(["qsmnode", "echo", f"QUICK@127.0.0.1:{free_port()}", "--timeout", "5"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "could not be reached" in bad.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+        assert "stopped" in (tmp_path / "serve.log").read_text()
+
+
+def test_peer_address_allow_list(node, tmp_path, free_port):
+    blocked = NodeProcess(tmp_path / "blocked", free_port(), allowed_hosts=["10.99.0.0/16"]).start(echo=False)
+    try:
+        assert blocked.echo().returncode != 0
+        assert "peer 127.0.0.1 is not in allowed_hosts" in blocked.log()
+        assert any(e["event"] == "rejected" and e.get("what") == "connection" for e in blocked.audit())
+    finally:
+        blocked.stop()
+    assert node(allowed_hosts=["127.0.0.0/8"]).echo().returncode == 0
