@@ -34,10 +34,21 @@ def make_series(folder: Path, matrix: int, slices: int, echoes: int) -> list[Pat
     signal = np.empty((matrix, matrix, slices, echoes), dtype=np.complex64)
     for e, t in enumerate(te):
         signal[..., e] = mag * np.exp(1j * 2 * np.pi * field_hz * t / 1000.0)
-    geom = SlabGeometry(orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), origin_mm=(-128.0, -128.0, -88.0),
-                        voxel_size_mm=(1.0, 1.0, 1.0), shape=(matrix, matrix, slices))
-    return write_gre_dicom(folder, signal, geom, vendor="siemens", echo_times_ms=te,
-                           frequency_mhz=123.2, field_label=3.0)
+    geom = SlabGeometry(
+        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        origin_mm=(-128.0, -128.0, -88.0),
+        voxel_size_mm=(1.0, 1.0, 1.0),
+        shape=(matrix, matrix, slices),
+    )
+    return write_gre_dicom(
+        folder,
+        signal,
+        geom,
+        vendor="siemens",
+        echo_times_ms=te,
+        frequency_mhz=123.2,
+        field_label=3.0,
+    )
 
 
 def main() -> None:
@@ -70,10 +81,15 @@ def main() -> None:
             cpu.append(time.process_time() - start_cpu)
         acq = acqs[0]
         print(f"loaded {acq.shape} x {acq.n_echoes} echoes, B0 {acq.b0_tesla:.4f} T")
-        print(f"load_acquisitions on one core: best {min(times):.2f} s, runs "
-              + ", ".join(f"{t:.2f}" for t in times) + f" ({len(paths) / min(times):.0f} instances/s; target < 5 s)")
-        print(f"CPU time of the process: best {min(cpu):.2f} s (wall > CPU means waiting for disk or other "
-              f"processes; load average {os.getloadavg()[0]:.1f})")
+        print(
+            f"load_acquisitions on one core: best {min(times):.2f} s, runs "
+            + ", ".join(f"{t:.2f}" for t in times)
+            + f" ({len(paths) / min(times):.0f} instances/s; target < 5 s)"
+        )
+        print(
+            f"CPU time of the process: best {min(cpu):.2f} s (wall > CPU means waiting for disk or other "
+            f"processes; load average {os.getloadavg()[0]:.1f})"
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -19,16 +19,30 @@ from qsmnode.simulate.dicom_writer import WriterOptions
 from qsmnode.simulate.scan import simulate_scan
 
 HERE = Path(__file__).resolve().parent
-COMMON = dict(field_tesla=3.0, matrix=(72, 72, 52), voxel_size_mm=(2.7, 2.7, 2.7),
-              echo_times_ms=[4.0, 10.0, 16.0, 22.0], snr=100.0)
+COMMON = dict(
+    field_tesla=3.0,
+    matrix=(72, 72, 52),
+    voxel_size_mm=(2.7, 2.7, 2.7),
+    echo_times_ms=[4.0, 10.0, 16.0, 22.0],
+    snr=100.0,
+)
 
 
 def main() -> None:
     samples = {
-        "siemens_3T": dict(vendor="siemens", seed=11, writer_options=WriterOptions(
-            patient_name="Demo^Siemens", patient_id="QSMDEMO-SIEMENS")),
-        "ge_3T": dict(vendor="ge", seed=12, oblique_deg=12.0, writer_options=WriterOptions(
-            patient_name="Demo^GE", patient_id="QSMDEMO-GE", ge_components=("real", "imaginary"))),
+        "siemens_3T": dict(
+            vendor="siemens",
+            seed=11,
+            writer_options=WriterOptions(patient_name="Demo^Siemens", patient_id="QSMDEMO-SIEMENS"),
+        ),
+        "ge_3T": dict(
+            vendor="ge",
+            seed=12,
+            oblique_deg=12.0,
+            writer_options=WriterOptions(
+                patient_name="Demo^GE", patient_id="QSMDEMO-GE", ge_components=("real", "imaginary")
+            ),
+        ),
     }
     for name, kwargs in samples.items():
         target = HERE / name

@@ -57,10 +57,14 @@ _SCANNER_FIELD_MAP_TOKENS = {"FIELD_MAP", "FIELDMAP", "B0", "B0MAP", "B0_MAP"}
 _SIEMENS_FIELD_MAP_SEQUENCE = re.compile(r"^\*?fm\d", re.IGNORECASE)
 _SIEMENS_SINGLE_COIL = re.compile(r"^[A-Z]{1,4}\d{1,3}$")
 
-REFUSAL_PHASE_DIFFERENCE = ("phase-difference field map, not per-echo phase: QSM needs the phase "
-                            "of every echo; send the multi-echo GRE (magnitude and phase) series")
-REFUSAL_SCANNER_FIELD_MAP = ("scanner field map (Hz), not phase: QSM needs the per-echo phase "
-                             "images; send the multi-echo GRE (magnitude and phase) series")
+REFUSAL_PHASE_DIFFERENCE = (
+    "phase-difference field map, not per-echo phase: QSM needs the phase "
+    "of every echo; send the multi-echo GRE (magnitude and phase) series"
+)
+REFUSAL_SCANNER_FIELD_MAP = (
+    "scanner field map (Hz), not phase: QSM needs the per-echo phase "
+    "images; send the multi-echo GRE (magnitude and phase) series"
+)
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,10 @@ def transfer_syntax_refusal(ds: Dataset) -> str | None:
     if not uid or uid in ACCEPTED_TRANSFER_SYNTAXES:
         return None
     name = pydicom.uid.UID(uid).name
-    return (f"unsupported transfer syntax {name} ({uid}): lossy or unknown compression corrupts "
-            "phase; send the series uncompressed or with lossless compression")
+    return (
+        f"unsupported transfer syntax {name} ({uid}): lossy or unknown compression corrupts "
+        "phase; send the series uncompressed or with lossless compression"
+    )
 
 
 def _tokens(values) -> list[str]:
@@ -98,14 +104,18 @@ def _tokens(values) -> list[str]:
     return [str(v).strip().upper() for v in values]
 
 
-def refusal_reason(ds: Dataset, vendor: str, records: list[frames.ImageRecord] | None = None) -> str | None:
+def refusal_reason(
+    ds: Dataset, vendor: str, records: list[frames.ImageRecord] | None = None
+) -> str | None:
     """Why this instance (and so its series) can never be a QSM input, or None. Header only."""
     modality = (frames.text_values(ds, "Modality") or [""])[0]
     sop_class = (frames.text_values(ds, "SOPClassUID") or [""])[0]
     if modality != "MR" or (sop_class and sop_class not in MR_SOP_CLASSES):
         name = pydicom.uid.UID(sop_class).name if sop_class else "no SOP class"
-        return (f"not an MR image (Modality '{modality}', {name}): QSM needs the multi-echo GRE "
-                "magnitude and phase series")
+        return (
+            f"not an MR image (Modality '{modality}', {name}): QSM needs the multi-echo GRE "
+            "magnitude and phase series"
+        )
     reason = transfer_syntax_refusal(ds)
     if reason:
         return reason
@@ -116,34 +126,46 @@ def refusal_reason(ds: Dataset, vendor: str, records: list[frames.ImageRecord] |
     for tokens in type_sets:
         if any(t in _SCANNER_FIELD_MAP_TOKENS for t in tokens) or "Hz" in units:
             return REFUSAL_SCANNER_FIELD_MAP
-    sequence = " ".join(" ".join(frames.text_values(ds, k) or []) for k in ("SequenceName", "PulseSequenceName"))
+    sequence = " ".join(
+        " ".join(frames.text_values(ds, k) or []) for k in ("SequenceName", "PulseSequenceName")
+    )
     if vendor == "siemens" and any(_SIEMENS_FIELD_MAP_SEQUENCE.match(s) for s in sequence.split()):
         return REFUSAL_PHASE_DIFFERENCE
     for tokens in type_sets:
         for t in tokens:
             if t in _DERIVED_TOKENS:
-                return (f"{_DERIVED_TOKENS[t]} (ImageType {'/'.join(tokens)}), not an original echo "
-                        "image: send the original multi-echo GRE magnitude and phase series")
+                return (
+                    f"{_DERIVED_TOKENS[t]} (ImageType {'/'.join(tokens)}), not an original echo "
+                    "image: send the original multi-echo GRE magnitude and phase series"
+                )
         if tokens and tokens[0] == "DERIVED":
-            return (f"derived image (ImageType {'/'.join(tokens)}), not an original echo image: "
-                    "send the original multi-echo GRE magnitude and phase series")
+            return (
+                f"derived image (ImageType {'/'.join(tokens)}), not an original echo image: "
+                "send the original multi-echo GRE magnitude and phase series"
+            )
     scanning = _tokens(frames.text_values(ds, "ScanningSequence"))
     if scanning and "GR" not in scanning and "EP" not in scanning:
-        return (f"not a gradient-echo acquisition (ScanningSequence {'/'.join(scanning)}): QSM "
-                "needs a multi-echo GRE")
+        return (
+            f"not a gradient-echo acquisition (ScanningSequence {'/'.join(scanning)}): QSM "
+            "needs a multi-echo GRE"
+        )
     echo_pulse = str(ds.get("EchoPulseSequence", "") or "").upper()
     if echo_pulse == "SPIN":
-        return "not a gradient-echo acquisition (EchoPulseSequence SPIN): QSM needs a multi-echo GRE"
+        return (
+            "not a gradient-echo acquisition (EchoPulseSequence SPIN): QSM needs a multi-echo GRE"
+        )
     if vendor == "siemens":
         coil = ds.get((0x0051, 0x100F))
         coil_name = str(coil.value).strip() if coil is not None and coil.value is not None else ""
         if isinstance(coil.value if coil is not None else None, bytes):
             coil_name = coil.value.decode("ascii", "ignore").strip(" \x00")
         if coil_name and _SIEMENS_SINGLE_COIL.match(coil_name):
-            return (f"uncombined coil image (coil element {coil_name}): send the coil-combined "
-                    "series (switch off 'save uncombined' or send the combined images)")
+            return (
+                f"uncombined coil image (coil element {coil_name}): send the coil-combined "
+                "series (switch off 'save uncombined' or send the combined images)"
+            )
     if "UNCOMBINED" in type_sets[0]:
-        return ("uncombined coil image (ImageType UNCOMBINED): send the coil-combined series")
+        return "uncombined coil image (ImageType UNCOMBINED): send the coil-combined series"
     return None
 
 
@@ -168,11 +190,16 @@ def acquisition_key(ds: Dataset, vendor: str, records: list[frames.ImageRecord])
         (frames.text_values(ds, "FrameOfReferenceUID") or [""])[0],
         tuple(round(v, 3) + 0.0 for v in (first.orientation if first else ())),
         tuple(round(v, 4) for v in (first.pixel_spacing if first else ())),
-        int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0),
-        (frames.text_values(ds, "PatientID") or [""])[0], (frames.text_values(ds, "StudyDate") or [""])[0],
-        vendor, _r(freq, 3),
-        _r(attrs["repetition_time_ms"], 2), _r(attrs["flip_angle_deg"], 1),
-        attrs["acquisition_type"].upper(), _r(attrs["slice_thickness_mm"], 3),
+        int(ds.get("Rows", 0) or 0),
+        int(ds.get("Columns", 0) or 0),
+        (frames.text_values(ds, "PatientID") or [""])[0],
+        (frames.text_values(ds, "StudyDate") or [""])[0],
+        vendor,
+        _r(freq, 3),
+        _r(attrs["repetition_time_ms"], 2),
+        _r(attrs["flip_angle_deg"], 1),
+        attrs["acquisition_type"].upper(),
+        _r(attrs["slice_thickness_mm"], 3),
     )
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:20]
 
@@ -199,13 +226,18 @@ def classify_instance(ds: Dataset) -> InstanceInfo:
     try:
         records = frames.image_records(ds, vendor)
     except Exception as err:  # a broken functional group: refuse, do not crash the tracker
-        return classify_records(ds, vendor, [], broken=(
-            f"unreadable image header ({type(err).__name__}: {err}); re-export the series"))
+        return classify_records(
+            ds,
+            vendor,
+            [],
+            broken=(f"unreadable image header ({type(err).__name__}: {err}); re-export the series"),
+        )
     return classify_records(ds, vendor, records)
 
 
-def classify_records(ds: Dataset, vendor: str, records: list[frames.ImageRecord],
-                     broken: str | None = None) -> InstanceInfo:
+def classify_records(
+    ds: Dataset, vendor: str, records: list[frames.ImageRecord], broken: str | None = None
+) -> InstanceInfo:
     """:func:`classify_instance` for a header whose image records were already extracted."""
     comps = {r.component for r in records}
     if len(comps) == 1:
@@ -220,7 +252,16 @@ def classify_records(ds: Dataset, vendor: str, records: list[frames.ImageRecord]
     else:
         en = ds.get("EchoNumbers")
         try:
-            echo_numbers = tuple(int(v) for v in (en if isinstance(en, (list, tuple, pydicom.multival.MultiValue)) else [en])) if en not in (None, "") else ()
+            echo_numbers = (
+                tuple(
+                    int(v)
+                    for v in (
+                        en if isinstance(en, (list, tuple, pydicom.multival.MultiValue)) else [en]
+                    )
+                )
+                if en not in (None, "")
+                else ()
+            )
         except (TypeError, ValueError):
             echo_numbers = ()
     refusal = broken or refusal_reason(ds, vendor, records)

@@ -16,10 +16,12 @@ from pydicom.dataset import Dataset
 
 from qsmnode.dicom import vendors
 
-ENHANCED_MR_SOP_CLASSES = frozenset({
-    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
-    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
-})
+ENHANCED_MR_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
+        "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
+    }
+)
 CLASSIC_MR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.4"
 
 
@@ -88,7 +90,8 @@ def float_value(ds: Dataset, keyword: str, default=None):
 
 def is_enhanced(ds: Dataset) -> bool:
     return str(ds.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES or (
-        "PerFrameFunctionalGroupsSequence" in ds)
+        "PerFrameFunctionalGroupsSequence" in ds
+    )
 
 
 def _first(seq_owner, keyword):
@@ -108,7 +111,12 @@ def _floats(values, n: int | None = None) -> tuple[float, ...] | None:
     if values is None:
         return None
     try:
-        out = tuple(float(v) for v in (values if hasattr(values, "__len__") and not isinstance(values, str) else [values]))
+        out = tuple(
+            float(v)
+            for v in (
+                values if hasattr(values, "__len__") and not isinstance(values, str) else [values]
+            )
+        )
     except (TypeError, ValueError):
         return None
     if n is not None and len(out) != n:
@@ -131,7 +139,11 @@ def classic_component(ds: Dataset, vendor: str) -> tuple[str | None, str]:
     if vendor == "ge":
         code = ge_image_type_code(ds)
         if code is not None:
-            comp = vendors.ge_component(code if not isinstance(code, bytes) else int.from_bytes(code[:2], "little", signed=True))
+            comp = vendors.ge_component(
+                code
+                if not isinstance(code, bytes)
+                else int.from_bytes(code[:2], "little", signed=True)
+            )
             if comp:
                 return comp, f"ge: component '{comp}' from private (0043,102F) = {code}"
     word = text_values(ds, "ComplexImageComponent")
@@ -155,20 +167,26 @@ def image_records(ds: Dataset, vendor: str) -> list[ImageRecord]:
     if not is_enhanced(ds):
         comp, rule = classic_component(ds, vendor)
         echo_numbers = float_values(ds, "EchoNumbers")
-        return [ImageRecord(
-            frame=None,
-            position=float_values(ds, "ImagePositionPatient", 3) or (0.0, 0.0, 0.0),
-            orientation=float_values(ds, "ImageOrientationPatient", 6) or (),
-            pixel_spacing=float_values(ds, "PixelSpacing", 2) or (1.0, 1.0),
-            echo_time_ms=float_value(ds, "EchoTime"),
-            echo_number=int(echo_numbers[0]) if echo_numbers else None,
-            component=comp,
-            component_rule=rule,
-            slope=float_value(ds, "RescaleSlope", 1.0) or 1.0,
-            intercept=float_value(ds, "RescaleIntercept", 0.0),
-            image_type=tuple(text_values(ds, "ImageType") or ()),
-            units=_units(_first(ds, "RealWorldValueMappingSequence")) if "RealWorldValueMappingSequence" in ds else None,
-        )]
+        return [
+            ImageRecord(
+                frame=None,
+                position=float_values(ds, "ImagePositionPatient", 3) or (0.0, 0.0, 0.0),
+                orientation=float_values(ds, "ImageOrientationPatient", 6) or (),
+                pixel_spacing=float_values(ds, "PixelSpacing", 2) or (1.0, 1.0),
+                echo_time_ms=float_value(ds, "EchoTime"),
+                echo_number=int(echo_numbers[0]) if echo_numbers else None,
+                component=comp,
+                component_rule=rule,
+                slope=float_value(ds, "RescaleSlope", 1.0) or 1.0,
+                intercept=float_value(ds, "RescaleIntercept", 0.0),
+                image_type=tuple(text_values(ds, "ImageType") or ()),
+                units=(
+                    _units(_first(ds, "RealWorldValueMappingSequence"))
+                    if "RealWorldValueMappingSequence" in ds
+                    else None
+                ),
+            )
+        ]
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frames = ds.get("PerFrameFunctionalGroupsSequence") or []
     top_comp = vendors.component_from_word(ds.get("ComplexImageComponent"))
@@ -181,8 +199,12 @@ def image_records(ds: Dataset, vendor: str) -> list[ImageRecord]:
         ftype = _fg(pf, shared, "MRImageFrameTypeSequence")
         pvt = _fg(pf, shared, "PixelValueTransformationSequence")
         rwv = _fg(pf, shared, "RealWorldValueMappingSequence")
-        frame_type = tuple(str(t) for t in ((ftype.get("FrameType") if ftype is not None else None) or []))
-        comp = vendors.component_from_word(ftype.get("ComplexImageComponent") if ftype is not None else None)
+        frame_type = tuple(
+            str(t) for t in ((ftype.get("FrameType") if ftype is not None else None) or [])
+        )
+        comp = vendors.component_from_word(
+            ftype.get("ComplexImageComponent") if ftype is not None else None
+        )
         rule = f"{vendor}: component '{comp}' from per-frame ComplexImageComponent" if comp else ""
         if comp is None or comp == "mixed":
             c2, r2 = vendors.component_from_image_type(frame_type, vendor)
@@ -193,20 +215,27 @@ def image_records(ds: Dataset, vendor: str) -> list[ImageRecord]:
         te = echo.get("EffectiveEchoTime") if echo is not None else None
         slope = pvt.get("RescaleSlope") if pvt is not None else ds.get("RescaleSlope")
         intercept = pvt.get("RescaleIntercept") if pvt is not None else ds.get("RescaleIntercept")
-        records.append(ImageRecord(
-            frame=index,
-            position=_floats(pos.get("ImagePositionPatient") if pos is not None else None, 3) or (0.0, 0.0, 0.0),
-            orientation=_floats(ori.get("ImageOrientationPatient") if ori is not None else None, 6) or (),
-            pixel_spacing=_floats(meas.get("PixelSpacing") if meas is not None else None, 2) or (1.0, 1.0),
-            echo_time_ms=float(te) if te not in (None, "") else None,
-            echo_number=None,  # enhanced frames are matched to echoes by EffectiveEchoTime
-            component=comp,
-            component_rule=rule,
-            slope=float(slope if slope not in (None, "") else 1.0),
-            intercept=float(intercept if intercept not in (None, "") else 0.0),
-            image_type=frame_type,
-            units=_units(rwv),
-        ))
+        records.append(
+            ImageRecord(
+                frame=index,
+                position=_floats(pos.get("ImagePositionPatient") if pos is not None else None, 3)
+                or (0.0, 0.0, 0.0),
+                orientation=_floats(
+                    ori.get("ImageOrientationPatient") if ori is not None else None, 6
+                )
+                or (),
+                pixel_spacing=_floats(meas.get("PixelSpacing") if meas is not None else None, 2)
+                or (1.0, 1.0),
+                echo_time_ms=float(te) if te not in (None, "") else None,
+                echo_number=None,  # enhanced frames are matched to echoes by EffectiveEchoTime
+                component=comp,
+                component_rule=rule,
+                slope=float(slope if slope not in (None, "") else 1.0),
+                intercept=float(intercept if intercept not in (None, "") else 0.0),
+                image_type=frame_type,
+                units=_units(rwv),
+            )
+        )
     return records
 
 

@@ -54,8 +54,13 @@ def slice_distances(positions, normal) -> np.ndarray:
     return np.asarray(positions, dtype=np.float64).reshape(-1, 3) @ np.asarray(normal, np.float64)
 
 
-def check_slice_spacing(distances_sorted, *, slice_thickness_mm: float | None = None,
-                        acquisition_type: str | None = None, tolerance: float = 0.05) -> float:
+def check_slice_spacing(
+    distances_sorted,
+    *,
+    slice_thickness_mm: float | None = None,
+    acquisition_type: str | None = None,
+    tolerance: float = 0.05,
+) -> float:
     """Return the slice spacing (mm) of sorted slice distances; refuse gaps and irregular stacks.
 
     ``distances_sorted``: increasing distances (mm) along the normal, one per slice. A missing
@@ -80,7 +85,8 @@ def check_slice_spacing(distances_sorted, *, slice_thickness_mm: float | None = 
         missing = int(round(float(np.sum(steps[bad]) / spacing - bad.size)))
         raise InputRefused(
             f"slice spacing is irregular ({where}; usual step {spacing:.3f} mm"
-            + (f", about {missing} slice(s) missing" if missing > 0 else "") + ")",
+            + (f", about {missing} slice(s) missing" if missing > 0 else "")
+            + ")",
             "send the complete series with every slice",
         )
     if (acquisition_type or "").upper() == "2D" and slice_thickness_mm:
@@ -93,8 +99,14 @@ def check_slice_spacing(distances_sorted, *, slice_thickness_mm: float | None = 
     return spacing
 
 
-def stack_affine(image_orientation_patient, first_position, last_position, n_slices: int,
-                 pixel_spacing, slice_spacing_mm: float | None = None) -> np.ndarray:
+def stack_affine(
+    image_orientation_patient,
+    first_position,
+    last_position,
+    n_slices: int,
+    pixel_spacing,
+    slice_spacing_mm: float | None = None,
+) -> np.ndarray:
     """4x4 affine (array index ``(i, j, k, 1)`` -> LPS mm) of a sorted stack of slices.
 
     The k column is the step between slice positions (``(last - first) / (n - 1)``), not
@@ -116,7 +128,9 @@ def stack_affine(image_orientation_patient, first_position, last_position, n_sli
     return affine
 
 
-def check_collinear(positions_sorted, normal, pixel_spacing, tolerance_fraction: float = 0.1) -> None:
+def check_collinear(
+    positions_sorted, normal, pixel_spacing, tolerance_fraction: float = 0.1
+) -> None:
     """Refuse a stack whose slice positions do not lie on one line along the normal (a sheared
     or mixed-geometry stack); tolerance is a fraction of the in-plane pixel spacing."""
     p = np.asarray(positions_sorted, dtype=np.float64).reshape(-1, 3)

@@ -41,8 +41,13 @@ from qsmnode.errors import InputRefused
 DEFER_SIZE_BYTES = 2048
 
 _NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}
-_HEADER_SKIP = {"PixelData", "FloatPixelData", "DoubleFloatPixelData",
-                "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"}
+_HEADER_SKIP = {
+    "PixelData",
+    "FloatPixelData",
+    "DoubleFloatPixelData",
+    "PerFrameFunctionalGroupsSequence",
+    "SharedFunctionalGroupsSequence",
+}
 
 
 @dataclass
@@ -62,6 +67,7 @@ class _Group:
 
 # --------------------------------------------------------------------------- reading
 
+
 def _iter_sources(sources) -> Iterable[tuple[str, object]]:
     if isinstance(sources, (str, os.PathLike, Dataset)):
         sources = [sources]
@@ -76,7 +82,9 @@ def _iter_sources(sources) -> Iterable[tuple[str, object]]:
         elif path.is_file():
             yield str(path), path
         else:
-            raise InputRefused(f"no such file or folder: {path}", "give existing DICOM files or folders")
+            raise InputRefused(
+                f"no such file or folder: {path}", "give existing DICOM files or folders"
+            )
 
 
 def _read(path: Path) -> Dataset | None:
@@ -95,12 +103,21 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
     rows, cols = int(ds.Rows), int(ds.Columns)
     n = int(ds.get("NumberOfFrames", 1) or 1)
     meta = getattr(ds, "file_meta", None)
-    ts = str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")) if meta is not None else "1.2.840.10008.1.2"
+    ts = (
+        str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+        if meta is not None
+        else "1.2.840.10008.1.2"
+    )
     bits_alloc = int(ds.get("BitsAllocated", 16))
     bits_stored = int(ds.get("BitsStored", bits_alloc))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
-    if ts in _NATIVE_LITTLE_ENDIAN and bits_alloc in (8, 16, 32) and "PixelData" in ds and not (
-            signed and bits_stored < bits_alloc) and int(ds.get("SamplesPerPixel", 1)) == 1:
+    if (
+        ts in _NATIVE_LITTLE_ENDIAN
+        and bits_alloc in (8, 16, 32)
+        and "PixelData" in ds
+        and not (signed and bits_stored < bits_alloc)
+        and int(ds.get("SamplesPerPixel", 1)) == 1
+    ):
         dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_alloc // 8}")
         arr = np.frombuffer(ds.PixelData, dtype=dtype, count=rows * cols * n)
         return arr.reshape(n, rows, cols)
@@ -115,6 +132,7 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- public API
+
 
 def load_acquisitions(sources) -> list[Acquisition]:
     """Load every usable multi-echo GRE acquisition from ``sources``.
@@ -143,7 +161,8 @@ def load_acquisition(sources) -> Acquisition:
         found = "; ".join(
             f"{a.header.get('SeriesDescription', '?')} ({a.n_echoes} echoes, "
             f"{'x'.join(str(s) for s in a.shape)}, series {', '.join(a.source_series_uids)})"
-            for a in acquisitions)
+            for a in acquisitions
+        )
         raise InputRefused(
             f"{len(acquisitions)} acquisitions found where one was expected: {found}",
             "send the series of one acquisition at a time",
@@ -152,6 +171,7 @@ def load_acquisition(sources) -> Acquisition:
 
 
 # --------------------------------------------------------------------------- grouping
+
 
 def _describe_series(inst: _Instance) -> str:
     ds = inst.ds
@@ -174,8 +194,14 @@ def _load(sources) -> tuple[list[Acquisition], list[str]]:
             records = frames.image_records(ds, vendor)
         except Exception as err:  # a broken functional group: refused below with the reason
             records = []
-            info = classify.classify_records(ds, vendor, [], broken=(
-                f"unreadable image header ({type(err).__name__}: {err}); re-export the series"))
+            info = classify.classify_records(
+                ds,
+                vendor,
+                [],
+                broken=(
+                    f"unreadable image header ({type(err).__name__}: {err}); re-export the series"
+                ),
+            )
         else:
             info = classify.classify_records(ds, vendor, records)
         instances.append(_Instance(label, ds, info, records))
@@ -202,8 +228,10 @@ def _load(sources) -> tuple[list[Acquisition], list[str]]:
             except InputRefused as err:
                 first = sub.items[0][0]
                 extra = _merge_reasons(refusals_by_key.get(key, []))
-                refusals.append(f"{_describe_series(first)}: {err.reason}"
-                                + (f" ({'; '.join(extra)})" if extra else ""))
+                refusals.append(
+                    f"{_describe_series(first)}: {err.reason}"
+                    + (f" ({'; '.join(extra)})" if extra else "")
+                )
     return acquisitions, refusals
 
 
@@ -217,7 +245,11 @@ def _merge_reasons(messages: list[str]) -> list[str]:
 
 
 def _slot(inst: _Instance, rec: frames.ImageRecord, normal) -> tuple:
-    return (round(float(np.dot(rec.position, normal)), 2), round(rec.echo_time_ms or -1.0, 2), rec.component)
+    return (
+        round(float(np.dot(rec.position, normal)), 2),
+        round(rec.echo_time_ms or -1.0, 2),
+        rec.component,
+    )
 
 
 def _split_repeats(group: _Group) -> list[_Group]:
@@ -233,7 +265,9 @@ def _split_repeats(group: _Group) -> list[_Group]:
     by_time: dict[str, _Group] = {}
     for inst, rec in group.items:
         t = str(inst.ds.get("AcquisitionDateTime", "") or "") or (
-            str(inst.ds.get("AcquisitionDate", "") or "") + str(inst.ds.get("AcquisitionTime", "") or ""))
+            str(inst.ds.get("AcquisitionDate", "") or "")
+            + str(inst.ds.get("AcquisitionTime", "") or "")
+        )
         by_time.setdefault(t, _Group(group.key + t)).items.append((inst, rec))
     if len(by_time) > 1:
         ok = True
@@ -248,6 +282,7 @@ def _split_repeats(group: _Group) -> list[_Group]:
 
 
 # --------------------------------------------------------------------------- assembly
+
 
 def _cluster(values: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
     """Sorted cluster centres of 1D ``values`` (gap > tol starts a new cluster) and the index of
@@ -279,27 +314,37 @@ def _assemble(group: _Group) -> Acquisition:
     # --- geometry of the stack
     row, col, normal = geometry.orientation_axes(first_rec.orientation)
     for inst, rec in items:
-        if geometry.orientation_key(rec.orientation) != geometry.orientation_key(first_rec.orientation):
-            raise InputRefused("inconsistent geometry: frames with different orientations in one stack",
-                               "send one acquisition with one slab orientation")
+        if geometry.orientation_key(rec.orientation) != geometry.orientation_key(
+            first_rec.orientation
+        ):
+            raise InputRefused(
+                "inconsistent geometry: frames with different orientations in one stack",
+                "send one acquisition with one slab orientation",
+            )
     if any(rec.echo_time_ms is None for _, rec in items):
-        raise InputRefused("images without an echo time (EchoTime / EffectiveEchoTime)",
-                           "send the original scanner images; the echo time is required")
+        raise InputRefused(
+            "images without an echo time (EchoTime / EffectiveEchoTime)",
+            "send the original scanner images; the echo time is required",
+        )
     positions = np.array([rec.position for _, rec in items], dtype=np.float64)
     dist = positions @ normal
     slice_d, slice_idx = _cluster(dist, 0.01)
     te_values, echo_idx = _cluster(np.array([rec.echo_time_ms for _, rec in items]), 0.005)
     n_slices, n_echoes = len(slice_d), len(te_values)
     if np.any(te_values <= 0):
-        raise InputRefused(f"echo times {list(te_values)} ms include a non-positive value",
-                           "send the original scanner images")
+        raise InputRefused(
+            f"echo times {list(te_values)} ms include a non-positive value",
+            "send the original scanner images",
+        )
 
     comps = [rec.component for _, rec in items]
     present = {c for c in comps}
     if None in present:
         raise InputRefused(
             "cannot tell magnitude from phase for some images (no ImageType M/P, ComplexImageComponent "
-            "or vendor tag)", "send the original scanner images, which carry the image type")
+            "or vendor tag)",
+            "send the original scanner images, which carry the image type",
+        )
     counts = {c: np.zeros((n_slices, n_echoes), dtype=np.int32) for c in present}
     for (inst, rec), k, e in zip(items, slice_idx, echo_idx):
         counts[rec.component][k, e] += 1
@@ -309,7 +354,9 @@ def _assemble(group: _Group) -> Acquisition:
 
     if {"real", "imaginary"} <= present and complete("real") and complete("imaginary"):
         pair = ("real", "imaginary")
-        provenance.append(f"{vendor}: real and imaginary images used (preferred over magnitude/phase)")
+        provenance.append(
+            f"{vendor}: real and imaginary images used (preferred over magnitude/phase)"
+        )
     elif {"magnitude", "phase"} <= present:
         pair = ("magnitude", "phase")
     elif {"real", "imaginary"} <= present:
@@ -318,12 +365,17 @@ def _assemble(group: _Group) -> Acquisition:
         raise InputRefused(
             f"magnitude without phase ({n_echoes} echo(es), {n_slices} slices, no phase images)",
             "QSM needs the phase: enable phase (or real/imaginary) image export on the scanner and "
-            "send both series")
+            "send both series",
+        )
     elif "phase" in present:
-        raise InputRefused("phase without magnitude", "send the magnitude series together with the phase series")
+        raise InputRefused(
+            "phase without magnitude", "send the magnitude series together with the phase series"
+        )
     else:
-        raise InputRefused(f"no magnitude/phase or real/imaginary pair (found {sorted(present)})",
-                           "send the original multi-echo GRE magnitude and phase series")
+        raise InputRefused(
+            f"no magnitude/phase or real/imaginary pair (found {sorted(present)})",
+            "send the original multi-echo GRE magnitude and phase series",
+        )
 
     # phase-difference field maps: phase at one echo only, magnitude at several (Siemens fm)
     if pair == ("magnitude", "phase"):
@@ -340,18 +392,23 @@ def _assemble(group: _Group) -> Acquisition:
             raise InputRefused(
                 f"{int(cnt.max())} different {c} images for one slice ({slice_d[k]:.2f} mm) and echo "
                 f"(TE {te_values[e]:g} ms): two acquisitions with identical geometry",
-                "send one acquisition (one magnitude and one phase series)")
+                "send one acquisition (one magnitude and one phase series)",
+            )
         for e in range(n_echoes):
             missing = np.nonzero(cnt[:, e] == 0)[0]
             if missing.size == n_slices:
                 problems.append(f"echo {e + 1} (TE {te_values[e]:g} ms) has no {c} images")
             elif missing.size:
                 where = ", ".join(f"{slice_d[k]:.2f}" for k in missing[:6])
-                problems.append(f"echo {e + 1} (TE {te_values[e]:g} ms) {c}: {missing.size} of "
-                                f"{n_slices} slices missing (at {where}{' ...' if missing.size > 6 else ''} mm)")
+                problems.append(
+                    f"echo {e + 1} (TE {te_values[e]:g} ms) {c}: {missing.size} of "
+                    f"{n_slices} slices missing (at {where}{' ...' if missing.size > 6 else ''} mm)"
+                )
     if problems:
-        raise InputRefused("incomplete acquisition: " + "; ".join(problems),
-                           "send every slice of every echo (wait until the series is complete)")
+        raise InputRefused(
+            "incomplete acquisition: " + "; ".join(problems),
+            "send every slice of every echo (wait until the series is complete)",
+        )
 
     attrs = frames.acquisition_attributes(first_inst.ds)
     sorted_positions = np.zeros((n_slices, 3))
@@ -359,7 +416,10 @@ def _assemble(group: _Group) -> Acquisition:
         sorted_positions[k] = rec.position
     geometry.check_collinear(sorted_positions, normal, first_rec.pixel_spacing)
     spacing = geometry.check_slice_spacing(
-        slice_d, slice_thickness_mm=attrs["slice_thickness_mm"], acquisition_type=attrs["acquisition_type"])
+        slice_d,
+        slice_thickness_mm=attrs["slice_thickness_mm"],
+        acquisition_type=attrs["acquisition_type"],
+    )
     # --- completeness against what the headers announce
     used = [(inst, rec) for inst, rec in items if rec.component in pair]
     per_series: dict[str, list[_Instance]] = defaultdict(list)
@@ -368,36 +428,56 @@ def _assemble(group: _Group) -> Acquisition:
     for series_uid, insts in per_series.items():
         expected = insts[0].info.expected_in_series
         if expected and not frames.is_enhanced(insts[0].ds):
-            all_in_series = sum(1 for i, _ in {id(i): (i, 0) for i, _ in items}.values()
-                                if i.info.series_instance_uid == series_uid)
+            all_in_series = sum(
+                1
+                for i, _ in {id(i): (i, 0) for i, _ in items}.values()
+                if i.info.series_instance_uid == series_uid
+            )
             if all_in_series < expected:
                 raise InputRefused(
                     f"{_describe_series(insts[0])} holds {all_in_series} of the {expected} images its "
                     f"header announces (ImagesInAcquisition): missing slices or echoes",
-                    "send the complete series")
+                    "send the complete series",
+                )
     if vendor == "philips":
         n_sl = _private(first_inst.ds, 0x2001, "Philips Imaging DD 001", 0x18)
         n_ec = _private(first_inst.ds, 0x2001, "Philips Imaging DD 001", 0x14)
         try:
             if n_sl is not None and int(n_sl) > n_slices:
-                raise InputRefused(f"{int(n_sl) - n_slices} slice(s) missing: the header announces "
-                                   f"{int(n_sl)} slices, {n_slices} received", "send the complete series")
+                raise InputRefused(
+                    f"{int(n_sl) - n_slices} slice(s) missing: the header announces "
+                    f"{int(n_sl)} slices, {n_slices} received",
+                    "send the complete series",
+                )
             if n_ec is not None and int(n_ec) > n_echoes:
-                raise InputRefused(f"echo(es) missing: the header announces {int(n_ec)} echoes, "
-                                   f"{n_echoes} received", "send the complete series")
+                raise InputRefused(
+                    f"echo(es) missing: the header announces {int(n_ec)} echoes, "
+                    f"{n_echoes} received",
+                    "send the complete series",
+                )
         except (TypeError, ValueError):
             pass
 
     thickness = attrs["slice_thickness_mm"]
     between = first_inst.ds.get("SpacingBetweenSlices")
     single_spacing = float(between) if between not in (None, "") else (thickness or 1.0)
-    affine = geometry.stack_affine(first_rec.orientation, sorted_positions[0], sorted_positions[-1],
-                                   n_slices, first_rec.pixel_spacing,
-                                   slice_spacing_mm=spacing if n_slices > 1 else single_spacing)
+    affine = geometry.stack_affine(
+        first_rec.orientation,
+        sorted_positions[0],
+        sorted_positions[-1],
+        n_slices,
+        first_rec.pixel_spacing,
+        slice_spacing_mm=spacing if n_slices > 1 else single_spacing,
+    )
     provenance.append(
         f"geometry: {n_slices} slices sorted along the normal {np.round(normal, 4).tolist()}, "
         f"slice spacing {spacing if n_slices > 1 else single_spacing:.4g} mm from "
-        + ("ImagePositionPatient" if n_slices > 1 else "SpacingBetweenSlices/SliceThickness (one slice)"))
+        + (
+            "ImagePositionPatient"
+            if n_slices > 1
+            else "SpacingBetweenSlices/SliceThickness (one slice)"
+        )
+    )
 
     # --- pixels: planes are written contiguously as [echo, slice, row, col]; the returned
     # signal is the (Fortran-ordered) view [col=i, row=j, slice=k, echo], so vol[:, :, k] ==
@@ -405,21 +485,29 @@ def _assemble(group: _Group) -> Acquisition:
     rows, cols = int(first_inst.ds.Rows), int(first_inst.ds.Columns)
     mag_phase = pair == ("magnitude", "phase")
     shape = (n_echoes, n_slices, rows, cols)
-    raw: dict[str, np.ndarray] = {}  # stored values, as stored (every plane is written: complete grid)
+    raw: dict[str, np.ndarray] = (
+        {}
+    )  # stored values, as stored (every plane is written: complete grid)
     slopes = {c: np.ones((n_echoes, n_slices)) for c in pair}
     intercepts = {c: np.zeros((n_echoes, n_slices)) for c in pair}
     for (inst, rec), k, e in zip(items, slice_idx, echo_idx):
         if rec.component not in pair:
             continue
         if int(inst.ds.Rows) != rows or int(inst.ds.Columns) != cols:
-            raise InputRefused("inconsistent geometry: images of different matrix sizes in one acquisition",
-                               "send one acquisition")
+            raise InputRefused(
+                "inconsistent geometry: images of different matrix sizes in one acquisition",
+                "send one acquisition",
+            )
         if inst.pixels is None:
             inst.pixels = _stored_pixels(inst.ds)
         frame = inst.pixels[rec.frame or 0]
         target = raw.get(rec.component)
         if target is None:
-            dtype = frame.dtype if frame.dtype.kind in "ui" and frame.dtype.itemsize <= 2 else np.float32
+            dtype = (
+                frame.dtype
+                if frame.dtype.kind in "ui" and frame.dtype.itemsize <= 2
+                else np.float32
+            )
             target = raw[rec.component] = np.empty(shape, dtype=dtype)
         elif not np.can_cast(frame.dtype, target.dtype, "safe"):
             target = raw[rec.component] = target.astype(np.float32)
@@ -452,7 +540,9 @@ def _assemble(group: _Group) -> Acquisition:
         scales = {}
         for slope, intercept in set(zip(slopes["phase"].ravel(), intercepts["phase"].ravel())):
             observed = tuple(sorted((lo * slope + intercept, hi * slope + intercept)))
-            scales[(slope, intercept)] = vendors.phase_scale(vendor, slope, intercept, bits, pixrep, observed)
+            scales[(slope, intercept)] = vendors.phase_scale(
+                vendor, slope, intercept, bits, pixrep, observed
+            )
         provenance.extend(sorted({rule for _, _, rule in scales.values()}))
         negative = False
         use_lut = len(scales) == 1 and ph_raw.dtype.kind in "ui"
@@ -471,10 +561,20 @@ def _assemble(group: _Group) -> Acquisition:
                 np.multiply(mag, lut[index], out=signal_ekrc[e])
             else:
                 v = rescaled("phase", e)
-                a_k = np.array([scales[(sl, ic)][0] for sl, ic in zip(slopes["phase"][e], intercepts["phase"][e])],
-                               dtype=np.float32)[:, None, None]
-                b_k = np.array([scales[(sl, ic)][1] for sl, ic in zip(slopes["phase"][e], intercepts["phase"][e])],
-                               dtype=np.float32)[:, None, None]
+                a_k = np.array(
+                    [
+                        scales[(sl, ic)][0]
+                        for sl, ic in zip(slopes["phase"][e], intercepts["phase"][e])
+                    ],
+                    dtype=np.float32,
+                )[:, None, None]
+                b_k = np.array(
+                    [
+                        scales[(sl, ic)][1]
+                        for sl, ic in zip(slopes["phase"][e], intercepts["phase"][e])
+                    ],
+                    dtype=np.float32,
+                )[:, None, None]
                 phase = v * a_k + b_k
                 signal_ekrc[e].real = mag * np.cos(phase)
                 signal_ekrc[e].imag = mag * np.sin(phase)
@@ -488,8 +588,10 @@ def _assemble(group: _Group) -> Acquisition:
     signal = signal_ekrc.transpose(3, 2, 1, 0)
 
     if vendor == "philips":
-        provenance.append("philips: display rescale (RescaleSlope/Intercept, per frame when enhanced) "
-                          "used for magnitude and phase; private scale slope (2005,100E) not applied")
+        provenance.append(
+            "philips: display rescale (RescaleSlope/Intercept, per frame when enhanced) "
+            "used for magnitude and phase; private scale slope (2005,100E) not applied"
+        )
     comp_rules = sorted({rec.component_rule for _, rec in used if rec.component_rule})
     provenance.extend(comp_rules[:4])
     if vendors.phase_sign_factor(vendor) < 0:
@@ -497,9 +599,11 @@ def _assemble(group: _Group) -> Acquisition:
     provenance.append(vendors.phase_sign_provenance(vendor))
     validated = vendors.phase_sign_validated(vendor)
     if not validated:
-        warnings.append(f"phase sign of vendor '{vendor}' ({first_inst.ds.get('Manufacturer', '')}) is not "
-                        "validated: paramagnetic and diamagnetic may be swapped; check a known vein or "
-                        "calcification before reading the susceptibility sign")
+        warnings.append(
+            f"phase sign of vendor '{vendor}' ({first_inst.ds.get('Manufacturer', '')}) is not "
+            "validated: paramagnetic and diamagnetic may be swapped; check a known vein or "
+            "calcification before reading the susceptibility sign"
+        )
     if vendor == "ge":
         if vendors.alternate_slice_pi_offset(signal):
             signal[:, :, 1::2, :] *= -1
@@ -518,11 +622,15 @@ def _assemble(group: _Group) -> Acquisition:
     else:
         label = first_inst.ds.get("MagneticFieldStrength")
         if label in (None, ""):
-            raise InputRefused("neither ImagingFrequency nor MagneticFieldStrength in the header",
-                               "send the original scanner images: the field strength is required")
+            raise InputRefused(
+                "neither ImagingFrequency nor MagneticFieldStrength in the header",
+                "send the original scanner images: the field strength is required",
+            )
         b0 = float(label)
-        warnings.append(f"no ImagingFrequency: B0 taken from the nominal MagneticFieldStrength {b0:g} T "
-                        "(susceptibility scale may be off by a few percent)")
+        warnings.append(
+            f"no ImagingFrequency: B0 taken from the nominal MagneticFieldStrength {b0:g} T "
+            "(susceptibility scale may be off by a few percent)"
+        )
         provenance.append(f"B0 = {b0:g} T from MagneticFieldStrength (no ImagingFrequency)")
 
     te_s = te_values / 1000.0
@@ -540,17 +648,31 @@ def _assemble(group: _Group) -> Acquisition:
             series_uids.append(uid)
         if inst.info.sop_instance_uid not in seen_per_slice[k]:
             seen_per_slice[k].add(inst.info.sop_instance_uid)
-            source_instances[k].append(SourceReference(str(inst.ds.SOPClassUID), inst.info.sop_instance_uid, uid))
-    provenance.insert(0, f"vendor {vendor}: {len({id(i) for i, _ in used})} instances from "
-                      f"{len(series_uids)} series grouped by frame of reference, orientation, slice "
-                      f"positions and echo times ({pair[0]}/{pair[1]})")
-    reference = next(inst for (inst, rec), e in zip(items, echo_idx) if rec.component == pair[0] and e == 0)
+            source_instances[k].append(
+                SourceReference(str(inst.ds.SOPClassUID), inst.info.sop_instance_uid, uid)
+            )
+    provenance.insert(
+        0,
+        f"vendor {vendor}: {len({id(i) for i, _ in used})} instances from "
+        f"{len(series_uids)} series grouped by frame of reference, orientation, slice "
+        f"positions and echo times ({pair[0]}/{pair[1]})",
+    )
+    reference = next(
+        inst for (inst, rec), e in zip(items, echo_idx) if rec.component == pair[0] and e == 0
+    )
     header = _header(reference.ds, freq)
     return Acquisition(
-        signal=signal, echo_times_s=te_s.astype(np.float64), b0_tesla=float(b0), affine=affine,
-        vendor=vendor, phase_sign_validated=validated, header=header,
-        source_series_uids=tuple(series_uids), source_instances=source_instances,
-        provenance=provenance, warnings=warnings,
+        signal=signal,
+        echo_times_s=te_s.astype(np.float64),
+        b0_tesla=float(b0),
+        affine=affine,
+        vendor=vendor,
+        phase_sign_validated=validated,
+        header=header,
+        source_series_uids=tuple(series_uids),
+        source_instances=source_instances,
+        provenance=provenance,
+        warnings=warnings,
     )
 
 
@@ -559,7 +681,11 @@ def _header(ds: Dataset, freq: float | None) -> Dataset:
     data, no functional groups) of the reference instance."""
     header = Dataset()
     for elem in ds:
-        if elem.tag.is_private or elem.keyword in _HEADER_SKIP or elem.tag.group in (0x7FE0, 0xFFFE):
+        if (
+            elem.tag.is_private
+            or elem.keyword in _HEADER_SKIP
+            or elem.tag.group in (0x7FE0, 0xFFFE)
+        ):
             continue
         header.add(copy.deepcopy(elem))
     if "ImagingFrequency" not in header and freq:

@@ -65,17 +65,36 @@ def phase_sign_provenance(vendor: str) -> str:
 # --------------------------------------------------------------------------- components
 
 _COMPONENT_WORDS = {
-    "MAGNITUDE": "magnitude", "PHASE": "phase", "REAL": "real", "IMAGINARY": "imaginary",
+    "MAGNITUDE": "magnitude",
+    "PHASE": "phase",
+    "REAL": "real",
+    "IMAGINARY": "imaginary",
     "MIXED": "mixed",
 }
 
 _IMAGE_TYPE_COMPONENT = {
-    "M": "magnitude", "P": "phase", "R": "real", "I": "imaginary",
-    "MAG": "magnitude", "MAGNITUDE": "magnitude", "PHASE": "phase", "REAL": "real",
-    "IMAGINARY": "imaginary", "IMAG": "imaginary",
-    "M_FFE": "magnitude", "P_FFE": "phase", "R_FFE": "real", "I_FFE": "imaginary",
-    "M_SE": "magnitude", "P_SE": "phase", "R_SE": "real", "I_SE": "imaginary",
-    "M_IR": "magnitude", "P_IR": "phase", "R_IR": "real", "I_IR": "imaginary",
+    "M": "magnitude",
+    "P": "phase",
+    "R": "real",
+    "I": "imaginary",
+    "MAG": "magnitude",
+    "MAGNITUDE": "magnitude",
+    "PHASE": "phase",
+    "REAL": "real",
+    "IMAGINARY": "imaginary",
+    "IMAG": "imaginary",
+    "M_FFE": "magnitude",
+    "P_FFE": "phase",
+    "R_FFE": "real",
+    "I_FFE": "imaginary",
+    "M_SE": "magnitude",
+    "P_SE": "phase",
+    "R_SE": "real",
+    "I_SE": "imaginary",
+    "M_IR": "magnitude",
+    "P_IR": "phase",
+    "R_IR": "real",
+    "I_IR": "imaginary",
     "PHASE MAP": "phase",
 }
 
@@ -116,9 +135,15 @@ def ge_component(code) -> str | None:
 
 # --------------------------------------------------------------------------- phase scaling
 
-def phase_scale(vendor: str, slope: float, intercept: float, bits_stored: int,
-                pixel_representation: int, observed: tuple[float, float] | None = None,
-                ) -> tuple[float, float, str]:
+
+def phase_scale(
+    vendor: str,
+    slope: float,
+    intercept: float,
+    bits_stored: int,
+    pixel_representation: int,
+    observed: tuple[float, float] | None = None,
+) -> tuple[float, float, str]:
     """How rescaled phase values map to radians: ``rad = v * a + b`` with
     ``v = stored * slope + intercept``; returns ``(a, b, rule)``.
 
@@ -150,19 +175,30 @@ def phase_scale(vendor: str, slope: float, intercept: float, bits_stored: int,
     if hi <= 3.5 and lo >= -3.5 and hi - lo > 5.0:
         return 1.0, 0.0, f"{vendor}: phase already in radians (rescaled range {lo:.3f}..{hi:.3f})"
     if 2800 <= max(abs(lo), abs(hi)) <= 3300 and lo < 0 < hi:
-        return (1e-3, 0.0, f"{vendor}: phase in milliradians (rescale slope {slope:g}, "
-                f"intercept {intercept:g}, range {lo:g}..{hi:g}) -> v / 1000")
+        return (
+            1e-3,
+            0.0,
+            f"{vendor}: phase in milliradians (rescale slope {slope:g}, "
+            f"intercept {intercept:g}, range {lo:g}..{hi:g}) -> v / 1000",
+        )
     if lo < 0 < hi:
         half = 2.0 ** round(math.log2(max(abs(lo), abs(hi) + step)))
-        return (math.pi / half, 0.0,
-                f"{vendor}: signed phase (rescaled range {lo:g}..{hi:g}) -> v * pi / {half:g}")
+        return (
+            math.pi / half,
+            0.0,
+            f"{vendor}: signed phase (rescaled range {lo:g}..{hi:g}) -> v * pi / {half:g}",
+        )
     half = 2.0 ** round(math.log2(hi - lo + step)) / 2.0
     centre = lo + half
-    return (math.pi / half, -centre * math.pi / half,
-            f"{vendor}: unsigned phase (rescaled range {lo:g}..{hi:g}) -> (v - {centre:g}) * pi / {half:g}")
+    return (
+        math.pi / half,
+        -centre * math.pi / half,
+        f"{vendor}: unsigned phase (rescaled range {lo:g}..{hi:g}) -> (v - {centre:g}) * pi / {half:g}",
+    )
 
 
 # --------------------------------------------------------------------------- GE slice offset
+
 
 def alternate_slice_pi_offset(signal: np.ndarray) -> bool:
     """True when odd slices carry a pi phase offset relative to even ones (GE 3D recon artefact).

@@ -33,8 +33,12 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-                         generate_uid)
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    generate_uid,
+)
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -77,7 +81,9 @@ class SlabGeometry:
         return a
 
     def position(self, k: int) -> list[float]:
-        return [float(v) for v in np.asarray(self.origin_mm) + k * self.voxel_size_mm[2] * self.normal]
+        return [
+            float(v) for v in np.asarray(self.origin_mm) + k * self.voxel_size_mm[2] * self.normal
+        ]
 
 
 @dataclass
@@ -151,7 +157,9 @@ def _base_dataset(vendor: str, study: dict, sop_class: str) -> Dataset:
     return ds
 
 
-def _classic_mr(ds: Dataset, geom: SlabGeometry, study: dict, te_ms: float, echo: int, n_echoes: int) -> None:
+def _classic_mr(
+    ds: Dataset, geom: SlabGeometry, study: dict, te_ms: float, echo: int, n_echoes: int
+) -> None:
     ds.ScanningSequence = "GR"
     ds.SequenceVariant = ["SP", "OSP"]
     ds.ScanOptions = ""
@@ -183,7 +191,9 @@ def _save(ds: Dataset, path: Path, pixels: np.ndarray, transfer_syntax: str | No
     meta.ImplementationVersionName = "QSMNODE_SIM"
     ds.file_meta = meta
     arr = pixels if pixels.shape[0] > 1 else pixels[0]
-    ds.PixelData = np.ascontiguousarray(arr).astype("<i2" if ds.PixelRepresentation else "<u2").tobytes()
+    ds.PixelData = (
+        np.ascontiguousarray(arr).astype("<i2" if ds.PixelRepresentation else "<u2").tobytes()
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     if ts in (ExplicitVRLittleEndian,):
         ds.save_as(path, enforce_file_format=True)
@@ -198,30 +208,56 @@ def _save(ds: Dataset, path: Path, pixels: np.ndarray, transfer_syntax: str | No
         ds.save_as(path, enforce_file_format=True)
 
 
-def write_gre_dicom(outdir, signal: np.ndarray, geom: SlabGeometry, *, vendor: str, echo_times_ms,
-                    frequency_mhz: float, field_label: float, seed: int = 0,
-                    transfer_syntax: str | None = None, options: WriterOptions | None = None) -> list[Path]:
+def write_gre_dicom(
+    outdir,
+    signal: np.ndarray,
+    geom: SlabGeometry,
+    *,
+    vendor: str,
+    echo_times_ms,
+    frequency_mhz: float,
+    field_label: float,
+    seed: int = 0,
+    transfer_syntax: str | None = None,
+    options: WriterOptions | None = None,
+) -> list[Path]:
     """Write ``signal`` (complex ``[i, j, k, echo]``, internal phase convention) as ``vendor``
     DICOM under ``outdir``; returns the written paths. Echo times in ms, frequency in MHz."""
     if vendor not in VENDOR_FLAVOURS:
-        raise ValueError(f"unknown vendor flavour {vendor!r}; choose one of {', '.join(VENDOR_FLAVOURS)}")
+        raise ValueError(
+            f"unknown vendor flavour {vendor!r}; choose one of {', '.join(VENDOR_FLAVOURS)}"
+        )
     options = options or WriterOptions()
     outdir = Path(outdir)
     signal = np.asarray(signal)
     te = [float(t) for t in echo_times_ms]
-    if signal.ndim != 4 or signal.shape[3] != len(te) or tuple(signal.shape[:3]) != tuple(geom.shape):
-        raise ValueError(f"signal shape {signal.shape} does not match geometry {geom.shape} x {len(te)} echoes")
+    if (
+        signal.ndim != 4
+        or signal.shape[3] != len(te)
+        or tuple(signal.shape[:3]) != tuple(geom.shape)
+    ):
+        raise ValueError(
+            f"signal shape {signal.shape} does not match geometry {geom.shape} x {len(te)} echoes"
+        )
     study = {
-        "date": "20240315", "accession": f"SIM{seed:06d}",
-        "patient_name": options.patient_name, "patient_id": options.patient_id,
+        "date": "20240315",
+        "accession": f"SIM{seed:06d}",
+        "patient_name": options.patient_name,
+        "patient_id": options.patient_id,
         "study_uid": _uid("study", seed, options.patient_id),
         "for_uid": _uid("for", seed, vendor, options.patient_id),
-        "field_label": field_label, "frequency_mhz": frequency_mhz,
-        "tr_ms": max(te) + 8.0, "flip_deg": 15.0,
+        "field_label": field_label,
+        "frequency_mhz": frequency_mhz,
+        "tr_ms": max(te) + 8.0,
+        "flip_deg": 15.0,
     }
     writer = {
-        "siemens": _write_siemens, "canon": _write_canon, "ge": _write_ge, "philips": _write_philips,
-        "siemens-enhanced": _write_enhanced, "philips-enhanced": _write_enhanced,
+        "siemens": _write_siemens,
+        "canon": _write_canon,
+        "ge": _write_ge,
+        "philips": _write_philips,
+        "siemens-enhanced": _write_enhanced,
+        "philips-enhanced": _write_enhanced,
     }[vendor]
     return writer(outdir, signal, geom, vendor, te, study, seed, transfer_syntax, options)
 
@@ -234,12 +270,15 @@ def _apply_extra(ds: Dataset, options: WriterOptions) -> None:
 def _write_siemens(outdir, signal, geom, vendor, te, study, seed, ts, options):
     mag, _ = _quantise_magnitude(np.abs(signal))
     phase = _wrap(np.angle(signal))
-    stored_phase = (np.rint((phase + np.pi) * (4096 / (2 * np.pi))).astype(np.int64) % 4096).astype(np.uint16)
+    stored_phase = (np.rint((phase + np.pi) * (4096 / (2 * np.pi))).astype(np.int64) % 4096).astype(
+        np.uint16
+    )
     n_sl, n_ec = geom.shape[2], len(te)
     paths = []
     for comp, series_no, image_type, data in (
-            ("magnitude", 5, ["ORIGINAL", "PRIMARY", "M", "ND", "NORM"], mag),
-            ("phase", 6, ["ORIGINAL", "PRIMARY", "P", "ND"], stored_phase)):
+        ("magnitude", 5, ["ORIGINAL", "PRIMARY", "M", "ND", "NORM"], mag),
+        ("phase", 6, ["ORIGINAL", "PRIMARY", "P", "ND"], stored_phase),
+    ):
         series_uid = _uid("series", seed, vendor, comp)
         number = 0
         for e in range(n_ec):
@@ -252,7 +291,9 @@ def _write_siemens(outdir, signal, geom, vendor, te, study, seed, ts, options):
                 ds.SOPInstanceUID = _uid("sop", seed, vendor, comp, e, k)
                 ds.SeriesInstanceUID = series_uid
                 ds.SeriesNumber = series_no
-                ds.SeriesDescription = "gre_qsm_5echo" if not options.xa_interop else f"gre_qsm_e{e + 1}"
+                ds.SeriesDescription = (
+                    "gre_qsm_5echo" if not options.xa_interop else f"gre_qsm_e{e + 1}"
+                )
                 ds.ProtocolName = "gre_qsm_5echo"
                 ds.SequenceName = f"*fl3d{n_ec}r"
                 ds.SeriesTime = "102000"
@@ -290,8 +331,10 @@ def _write_canon(outdir, signal, geom, vendor, te, study, seed, ts, options):
     stored_phase = np.clip(np.rint((phase * 1000 + 3142) / slope), 0, 4095).astype(np.uint16)
     series_uid = _uid("series", seed, vendor)
     paths, number = [], 0
-    for comp, image_type, data in (("magnitude", ["ORIGINAL", "PRIMARY", "MR", "MAGNITUDE"], mag),
-                                   ("phase", ["ORIGINAL", "PRIMARY", "MR", "PHASE"], stored_phase)):
+    for comp, image_type, data in (
+        ("magnitude", ["ORIGINAL", "PRIMARY", "MR", "MAGNITUDE"], mag),
+        ("phase", ["ORIGINAL", "PRIMARY", "MR", "PHASE"], stored_phase),
+    ):
         for e in range(len(te)):
             for k in range(geom.shape[2]):
                 number += 1
@@ -365,18 +408,22 @@ def _write_philips(outdir, signal, geom, vendor, te, study, seed, ts, options):
     rng = np.random.default_rng(seed + 7)
     amp = np.abs(signal)
     mag_slope = 1.29157509157509
-    mag_stored = np.clip(np.rint(amp * (3000 / max(float(np.percentile(amp, 99.9)), 1e-12)) / mag_slope),
-                         0, 4095).astype(np.uint16)
+    mag_stored = np.clip(
+        np.rint(amp * (3000 / max(float(np.percentile(amp, 99.9)), 1e-12)) / mag_slope), 0, 4095
+    ).astype(np.uint16)
     ph_slope = 2 * 3142 / 4095
-    ph_stored = np.clip(np.rint((_wrap(np.angle(signal)) * 1000 + 3142) / ph_slope), 0, 4095).astype(np.uint16)
+    ph_stored = np.clip(
+        np.rint((_wrap(np.angle(signal)) * 1000 + 3142) / ph_slope), 0, 4095
+    ).astype(np.uint16)
     n_sl, n_ec = geom.shape[2], len(te)
     total = 2 * n_sl * n_ec
     instance_numbers = rng.permutation(total) + 1  # Philips exports arrive in no useful order
     series_uid = _uid("series", seed, vendor)
     paths, index = [], 0
     for comp, image_type, data, slope, intercept in (
-            ("magnitude", ["ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"], mag_stored, mag_slope, 0.0),
-            ("phase", ["ORIGINAL", "PRIMARY", "PHASE MAP", "P", "FFE"], ph_stored, ph_slope, -3142.0)):
+        ("magnitude", ["ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"], mag_stored, mag_slope, 0.0),
+        ("phase", ["ORIGINAL", "PRIMARY", "PHASE MAP", "P", "FFE"], ph_stored, ph_slope, -3142.0),
+    ):
         for e in range(n_ec):
             for k in range(n_sl):
                 number = int(instance_numbers[index])
@@ -393,8 +440,11 @@ def _write_philips(outdir, signal, geom, vendor, te, study, seed, ts, options):
                 ds.ScanningSequence = "GR"
                 ds.ImagePositionPatient = [_ds_str(v) for v in geom.position(k)]
                 ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
-                ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = _ds_str(intercept), _ds_str(slope), (
-                    "normalized" if comp == "magnitude" else "mrad")
+                ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = (
+                    _ds_str(intercept),
+                    _ds_str(slope),
+                    ("normalized" if comp == "magnitude" else "mrad"),
+                )
                 b1 = ds.private_block(0x2001, "Philips Imaging DD 001", create=True)
                 b1.add_new(0x14, "SL", n_ec)
                 b1.add_new(0x18, "SL", n_sl)
@@ -420,20 +470,29 @@ def _write_enhanced(outdir, signal, geom, vendor, te, study, seed, ts, options):
     """Enhanced MR: Siemens XA (one instance per echo and component) or Philips (one instance)."""
     siemens = vendor == "siemens-enhanced"
     amp = np.abs(signal)
-    mag = np.clip(np.rint(amp * (3000 / max(float(np.percentile(amp, 99.9)), 1e-12))), 0, 4095).astype(np.uint16)
+    mag = np.clip(
+        np.rint(amp * (3000 / max(float(np.percentile(amp, 99.9)), 1e-12))), 0, 4095
+    ).astype(np.uint16)
     phase = _wrap(np.angle(signal))
     if siemens:
-        ph = (np.rint((phase + np.pi) * (4096 / (2 * np.pi))).astype(np.int64) % 4096).astype(np.uint16)
+        ph = (np.rint((phase + np.pi) * (4096 / (2 * np.pi))).astype(np.int64) % 4096).astype(
+            np.uint16
+        )
         ph_slope, ph_intercept = 2.0, -4096.0
     else:
         ph_slope, ph_intercept = 2 * 3142 / 4095, -3142.0
         ph = np.clip(np.rint((phase * 1000 + 3142) / ph_slope), 0, 4095).astype(np.uint16)
     n_sl, n_ec = geom.shape[2], len(te)
     # frames: (component, echo, slice)
-    all_frames = [(c, e, k) for c in ("magnitude", "phase") for e in range(n_ec) for k in range(n_sl)]
+    all_frames = [
+        (c, e, k) for c in ("magnitude", "phase") for e in range(n_ec) for k in range(n_sl)
+    ]
     if siemens:
-        instances = [[f for f in all_frames if f[0] == c and f[1] == e] for c in ("magnitude", "phase")
-                     for e in range(n_ec)]
+        instances = [
+            [f for f in all_frames if f[0] == c and f[1] == e]
+            for c in ("magnitude", "phase")
+            for e in range(n_ec)
+        ]
     else:
         order = np.random.default_rng(seed + 11).permutation(len(all_frames))
         instances = [[all_frames[i] for i in order]]
@@ -472,40 +531,84 @@ def _write_enhanced(outdir, signal, geom, vendor, te, study, seed, ts, options):
         ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
         ds.NumberOfFrames = len(frame_list)
         shared = Dataset()
-        shared.PixelMeasuresSequence = Sequence([_item(
-            PixelSpacing=[_ds_str(geom.voxel_size_mm[1]), _ds_str(geom.voxel_size_mm[0])],
-            SliceThickness=_ds_str(geom.voxel_size_mm[2]), SpacingBetweenSlices=_ds_str(geom.voxel_size_mm[2]))])
-        shared.PlaneOrientationSequence = Sequence([_item(
-            ImageOrientationPatient=[_ds_str(v) for v in geom.orientation])])
-        shared.MRImagingModifierSequence = Sequence([_item(
-            TransmitterFrequency=float(study["frequency_mhz"]), PixelBandwidth="260",
-            MagnetizationTransfer="NONE", BloodSignalNulling="NO", Tagging="NONE")])
-        shared.MRTimingAndRelatedParametersSequence = Sequence([_item(
-            RepetitionTime=_ds_str(study["tr_ms"]), FlipAngle=_ds_str(study["flip_deg"]),
-            EchoTrainLength=n_ec)])
+        shared.PixelMeasuresSequence = Sequence(
+            [
+                _item(
+                    PixelSpacing=[_ds_str(geom.voxel_size_mm[1]), _ds_str(geom.voxel_size_mm[0])],
+                    SliceThickness=_ds_str(geom.voxel_size_mm[2]),
+                    SpacingBetweenSlices=_ds_str(geom.voxel_size_mm[2]),
+                )
+            ]
+        )
+        shared.PlaneOrientationSequence = Sequence(
+            [_item(ImageOrientationPatient=[_ds_str(v) for v in geom.orientation])]
+        )
+        shared.MRImagingModifierSequence = Sequence(
+            [
+                _item(
+                    TransmitterFrequency=float(study["frequency_mhz"]),
+                    PixelBandwidth="260",
+                    MagnetizationTransfer="NONE",
+                    BloodSignalNulling="NO",
+                    Tagging="NONE",
+                )
+            ]
+        )
+        shared.MRTimingAndRelatedParametersSequence = Sequence(
+            [
+                _item(
+                    RepetitionTime=_ds_str(study["tr_ms"]),
+                    FlipAngle=_ds_str(study["flip_deg"]),
+                    EchoTrainLength=n_ec,
+                )
+            ]
+        )
         ds.SharedFunctionalGroupsSequence = Sequence([shared])
         per_frame = []
         pixels = np.empty((len(frame_list), geom.shape[1], geom.shape[0]), dtype=np.uint16)
         for f, (c, e, k) in enumerate(frame_list):
             item = Dataset()
-            item.FrameContentSequence = Sequence([_item(
-                StackID="1", InStackPositionNumber=k + 1, TemporalPositionIndex=1,
-                DimensionIndexValues=[k + 1, e + 1, 1 if c == "magnitude" else 2])])
-            item.PlanePositionSequence = Sequence([_item(
-                ImagePositionPatient=[_ds_str(v) for v in geom.position(k)])])
+            item.FrameContentSequence = Sequence(
+                [
+                    _item(
+                        StackID="1",
+                        InStackPositionNumber=k + 1,
+                        TemporalPositionIndex=1,
+                        DimensionIndexValues=[k + 1, e + 1, 1 if c == "magnitude" else 2],
+                    )
+                ]
+            )
+            item.PlanePositionSequence = Sequence(
+                [_item(ImagePositionPatient=[_ds_str(v) for v in geom.position(k)])]
+            )
             item.MREchoSequence = Sequence([_item(EffectiveEchoTime=float(te[e]))])
-            item.MRImageFrameTypeSequence = Sequence([_item(
-                FrameType=["ORIGINAL", "PRIMARY", "M" if c == "magnitude" else "P", "NONE"],
-                PixelPresentation="MONOCHROME", VolumetricProperties="VOLUME",
-                VolumeBasedCalculationTechnique="NONE", ComplexImageComponent=c.upper(),
-                AcquisitionContrast="T2_STAR" if not siemens else "UNKNOWN")])
+            item.MRImageFrameTypeSequence = Sequence(
+                [
+                    _item(
+                        FrameType=["ORIGINAL", "PRIMARY", "M" if c == "magnitude" else "P", "NONE"],
+                        PixelPresentation="MONOCHROME",
+                        VolumetricProperties="VOLUME",
+                        VolumeBasedCalculationTechnique="NONE",
+                        ComplexImageComponent=c.upper(),
+                        AcquisitionContrast="T2_STAR" if not siemens else "UNKNOWN",
+                    )
+                ]
+            )
             if c == "phase":
-                item.PixelValueTransformationSequence = Sequence([_item(
-                    RescaleIntercept=_ds_str(ph_intercept), RescaleSlope=_ds_str(ph_slope), RescaleType="US")])
+                item.PixelValueTransformationSequence = Sequence(
+                    [
+                        _item(
+                            RescaleIntercept=_ds_str(ph_intercept),
+                            RescaleSlope=_ds_str(ph_slope),
+                            RescaleType="US",
+                        )
+                    ]
+                )
                 pixels[f] = ph[:, :, k, e].T
             else:
-                item.PixelValueTransformationSequence = Sequence([_item(
-                    RescaleIntercept="0", RescaleSlope="1", RescaleType="US")])
+                item.PixelValueTransformationSequence = Sequence(
+                    [_item(RescaleIntercept="0", RescaleSlope="1", RescaleType="US")]
+                )
                 pixels[f] = mag[:, :, k, e].T
             per_frame.append(item)
         ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)

@@ -21,8 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from qsmnode.acquisition import GYROMAGNETIC_RATIO_MHZ_PER_T, b0_direction_from_affine
-from qsmnode.simulate.dicom_writer import (VENDOR_FLAVOURS, SlabGeometry, WriterOptions,
-                                           write_gre_dicom)
+from qsmnode.simulate.dicom_writer import (
+    VENDOR_FLAVOURS,
+    SlabGeometry,
+    WriterOptions,
+    write_gre_dicom,
+)
 
 #: real field (T) of scanners sold under a nominal label, per vendor family
 _REAL_FIELD = {
@@ -117,20 +121,38 @@ def _phantom_on_slab(matrix, voxel_size_mm, orientation, seed):
         return np.ascontiguousarray(np.flip(out, axis=flips) if flips else out)
 
     def centre(c):
-        return tuple(int(anat_shape[axes[a]] - 1 - c[axes[a]]) if signs[a] < 0 else int(c[axes[a]])
-                     for a in range(3))
+        return tuple(
+            int(anat_shape[axes[a]] - 1 - c[axes[a]]) if signs[a] < 0 else int(c[axes[a]])
+            for a in range(3)
+        )
 
     return dataclasses.replace(
-        ph, chi_ppm=to_slab(ph.chi_ppm), labels=to_slab(ph.labels), brain_mask=to_slab(ph.brain_mask),
-        m0=to_slab(ph.m0), voxel_size_mm=tuple(float(v) for v in voxel_size_mm),
+        ph,
+        chi_ppm=to_slab(ph.chi_ppm),
+        labels=to_slab(ph.labels),
+        brain_mask=to_slab(ph.brain_mask),
+        m0=to_slab(ph.m0),
+        voxel_size_mm=tuple(float(v) for v in voxel_size_mm),
         microbleeds=[(centre(c), r) for c, r in ph.microbleeds],
-        calcifications=[(centre(c), r) for c, r in ph.calcifications])
+        calcifications=[(centre(c), r) for c, r in ph.calcifications],
+    )
 
 
-def simulate_scan(outdir, *, vendor="siemens", field_tesla=3.0, oblique_deg=0.0, orientation="axial",
-                  matrix=(96, 96, 72), voxel_size_mm=(2.0, 2.0, 2.0), echo_times_ms=None, seed=0,
-                  snr=100.0, transfer_syntax=None, writer_options: WriterOptions | None = None
-                  ) -> SimulatedScan:
+def simulate_scan(
+    outdir,
+    *,
+    vendor="siemens",
+    field_tesla=3.0,
+    oblique_deg=0.0,
+    orientation="axial",
+    matrix=(96, 96, 72),
+    voxel_size_mm=(2.0, 2.0, 2.0),
+    echo_times_ms=None,
+    seed=0,
+    snr=100.0,
+    transfer_syntax=None,
+    writer_options: WriterOptions | None = None,
+) -> SimulatedScan:
     """Simulate a multi-echo GRE head scan and write it as ``vendor`` DICOM under ``outdir/dicom``
     with the truth under ``outdir/truth``.
 
@@ -152,7 +174,9 @@ def simulate_scan(outdir, *, vendor="siemens", field_tesla=3.0, oblique_deg=0.0,
     if vendor not in VENDOR_FLAVOURS:
         raise ValueError(f"unknown vendor {vendor!r}; choose one of {', '.join(VENDOR_FLAVOURS)}")
     matrix = tuple(int(n) for n in matrix)
-    vox = tuple(float(v) for v in (voxel_size_mm if np.ndim(voxel_size_mm) else (voxel_size_mm,) * 3))
+    vox = tuple(
+        float(v) for v in (voxel_size_mm if np.ndim(voxel_size_mm) else (voxel_size_mm,) * 3)
+    )
     te_ms = [float(t) for t in (echo_times_ms or default_echo_times_ms(float(field_tesla)))]
     outdir = Path(outdir)
     dicom_dir, truth_dir = outdir / "dicom", outdir / "truth"
@@ -162,9 +186,12 @@ def simulate_scan(outdir, *, vendor="siemens", field_tesla=3.0, oblique_deg=0.0,
     row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
     normal = np.cross(row, col)
     centre_mm = np.array([1.5, -12.0, 18.0])  # slab centre in LPS, near the isocentre
-    origin = centre_mm - sum(d * v * (n - 1) / 2 for d, v, n in zip((row, col, normal), vox, matrix))
-    geom = SlabGeometry(orientation=iop, origin_mm=tuple(float(v) for v in origin), voxel_size_mm=vox,
-                        shape=matrix)
+    origin = centre_mm - sum(
+        d * v * (n - 1) / 2 for d, v, n in zip((row, col, normal), vox, matrix)
+    )
+    geom = SlabGeometry(
+        orientation=iop, origin_mm=tuple(float(v) for v in origin), voxel_size_mm=vox, shape=matrix
+    )
     b0_dir = b0_direction_from_affine(geom.affine)
     b0 = real_field_tesla(vendor, float(field_tesla))
     frequency = round(b0 * GYROMAGNETIC_RATIO_MHZ_PER_T, 6)
@@ -172,15 +199,27 @@ def simulate_scan(outdir, *, vendor="siemens", field_tesla=3.0, oblique_deg=0.0,
 
     phantom = _phantom_on_slab(matrix, vox, slab_orientation(orientation, 0.0), seed)
     signal = simulate_gre(phantom, b0, np.asarray(te_ms) / 1000.0, b0_dir, snr=snr, seed=seed)
-    paths = write_gre_dicom(dicom_dir, signal, geom, vendor=vendor, echo_times_ms=te_ms,
-                            frequency_mhz=frequency, field_label=float(field_tesla), seed=seed,
-                            transfer_syntax=transfer_syntax, options=writer_options)
+    paths = write_gre_dicom(
+        dicom_dir,
+        signal,
+        geom,
+        vendor=vendor,
+        echo_times_ms=te_ms,
+        frequency_mhz=frequency,
+        field_label=float(field_tesla),
+        seed=seed,
+        transfer_syntax=transfer_syntax,
+        options=writer_options,
+    )
 
     from qsmnode.simulate.phantom import LABELS
 
     np.save(truth_dir / "chi_ppm.npy", phantom.chi_ppm.astype(np.float32))
     labels = phantom.labels
-    np.save(truth_dir / "labels.npy", labels.astype(np.uint8) if 0 <= labels.min() and labels.max() < 256 else labels)
+    np.save(
+        truth_dir / "labels.npy",
+        labels.astype(np.uint8) if 0 <= labels.min() and labels.max() < 256 else labels,
+    )
     np.save(truth_dir / "brain_mask.npy", phantom.brain_mask.astype(bool))
     truth = {
         "vendor": vendor,
@@ -197,11 +236,24 @@ def simulate_scan(outdir, *, vendor="siemens", field_tesla=3.0, oblique_deg=0.0,
         "voxel_size_mm": list(vox),
         "snr": snr,
         "seed": int(seed),
-        "microbleeds": [{"center_ijk": list(c), "radius_mm": float(r)} for c, r in phantom.microbleeds],
-        "calcifications": [{"center_ijk": list(c), "radius_mm": float(r)} for c, r in phantom.calcifications],
+        "microbleeds": [
+            {"center_ijk": list(c), "radius_mm": float(r)} for c, r in phantom.microbleeds
+        ],
+        "calcifications": [
+            {"center_ijk": list(c), "radius_mm": float(r)} for c, r in phantom.calcifications
+        ],
         "units": {"chi": "ppm", "echo_times": "s", "b0": "T", "affine": "LPS mm"},
     }
     (truth_dir / "truth.json").write_text(json.dumps(truth, indent=2))
-    return SimulatedScan(dicom_dir=dicom_dir, truth_dir=truth_dir, paths=paths, vendor=vendor, b0_tesla=b0,
-                         imaging_frequency_mhz=frequency, echo_times_s=np.asarray(te_ms) / 1000.0,
-                         affine=geom.affine, b0_direction=b0_dir, signal=signal)
+    return SimulatedScan(
+        dicom_dir=dicom_dir,
+        truth_dir=truth_dir,
+        paths=paths,
+        vendor=vendor,
+        b0_tesla=b0,
+        imaging_frequency_mhz=frequency,
+        echo_times_s=np.asarray(te_ms) / 1000.0,
+        affine=geom.affine,
+        b0_direction=b0_dir,
+        signal=signal,
+    )

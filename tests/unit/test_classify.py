@@ -16,15 +16,20 @@ def infos(scan):
     return [classify_instance(pydicom.dcmread(p, stop_before_pixels=True)) for p in scan.paths]
 
 
-@pytest.mark.parametrize("vendor,components,expected", [
-    ("siemens", {"magnitude", "phase"}, 8 * 3),
-    ("ge", {"magnitude", "phase", "real", "imaginary"}, 8 * 3 * 4),
-    ("philips", {"magnitude", "phase"}, None),
-    ("siemens-enhanced", {"magnitude", "phase"}, None),
-    ("philips-enhanced", {"mixed"}, 1),
-    ("canon", {"magnitude", "phase"}, None),
-])
-def test_one_key_per_acquisition_components_and_expected_counts(tmp_path, vendor, components, expected):
+@pytest.mark.parametrize(
+    "vendor,components,expected",
+    [
+        ("siemens", {"magnitude", "phase"}, 8 * 3),
+        ("ge", {"magnitude", "phase", "real", "imaginary"}, 8 * 3 * 4),
+        ("philips", {"magnitude", "phase"}, None),
+        ("siemens-enhanced", {"magnitude", "phase"}, None),
+        ("philips-enhanced", {"mixed"}, 1),
+        ("canon", {"magnitude", "phase"}, None),
+    ],
+)
+def test_one_key_per_acquisition_components_and_expected_counts(
+    tmp_path, vendor, components, expected
+):
     scan = simulate_scan(tmp_path, vendor=vendor, seed=3, **SMALL)
     result = infos(scan)
     assert {i.acquisition_key for i in result} == {result[0].acquisition_key}
@@ -40,8 +45,13 @@ def test_one_key_per_acquisition_components_and_expected_counts(tmp_path, vendor
 
 
 def test_key_ignores_uids_and_descriptions_but_not_geometry(tmp_path):
-    scan = simulate_scan(tmp_path / "a", vendor="siemens", seed=3,
-                         writer_options=WriterOptions(xa_interop=True), **SMALL)
+    scan = simulate_scan(
+        tmp_path / "a",
+        vendor="siemens",
+        seed=3,
+        writer_options=WriterOptions(xa_interop=True),
+        **SMALL,
+    )
     result = infos(scan)
     assert len({i.study_instance_uid for i in result}) == 3  # XA interoperability export
     assert len({i.series_instance_uid for i in result}) == 2
@@ -50,18 +60,21 @@ def test_key_ignores_uids_and_descriptions_but_not_geometry(tmp_path):
     assert infos(other)[0].acquisition_key != result[0].acquisition_key
 
 
-@pytest.mark.parametrize("change,pattern", [
-    ({"ImageType": ["DERIVED", "PRIMARY", "M", "SWI"]}, "SWI"),
-    ({"ImageType": ["DERIVED", "PRIMARY", "MNIP"]}, "minIP"),
-    ({"ImageType": ["ORIGINAL", "PRIMARY", "M", "MOCO"]}, "MOCO"),
-    ({"ImageType": ["ORIGINAL", "PRIMARY", "M", "ND", "FIL"]}, "FIL"),
-    ({"ImageType": ["DERIVED", "PRIMARY", "PROJECTION IMAGE"]}, "projection"),
-    ({"ImageType": ["DERIVED", "SECONDARY", "OTHER"]}, "derived image"),
-    ({"ImageType": ["ORIGINAL", "PRIMARY", "B0MAP"]}, "scanner field map (Hz)"),
-    ({"SequenceName": "*fm2d2r"}, "phase-difference field map, not per-echo phase"),
-    ({"ScanningSequence": "SE"}, "not a gradient-echo"),
-    ({"Modality": "CT"}, "not an MR image"),
-])
+@pytest.mark.parametrize(
+    "change,pattern",
+    [
+        ({"ImageType": ["DERIVED", "PRIMARY", "M", "SWI"]}, "SWI"),
+        ({"ImageType": ["DERIVED", "PRIMARY", "MNIP"]}, "minIP"),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "M", "MOCO"]}, "MOCO"),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "M", "ND", "FIL"]}, "FIL"),
+        ({"ImageType": ["DERIVED", "PRIMARY", "PROJECTION IMAGE"]}, "projection"),
+        ({"ImageType": ["DERIVED", "SECONDARY", "OTHER"]}, "derived image"),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "B0MAP"]}, "scanner field map (Hz)"),
+        ({"SequenceName": "*fm2d2r"}, "phase-difference field map, not per-echo phase"),
+        ({"ScanningSequence": "SE"}, "not a gradient-echo"),
+        ({"Modality": "CT"}, "not an MR image"),
+    ],
+)
 def test_refusals(tmp_path, change, pattern):
     scan = simulate_scan(tmp_path, vendor="siemens", seed=3, **SMALL)
     ds = pydicom.dcmread(scan.paths[0], stop_before_pixels=True)

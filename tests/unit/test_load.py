@@ -39,23 +39,33 @@ def assert_round_trip(acq, scan, phase_tol=PHASE_QUANTUM):
     assert any("ImagingFrequency" in line for line in acq.provenance)
 
 
-@pytest.mark.parametrize("vendor,field,orientation,oblique", [
-    ("siemens", 3.0, "axial", 0.0),
-    ("siemens", 1.5, "axial", 20.0),
-    ("siemens", 7.0, "sagittal", 0.0),
-    ("siemens-enhanced", 3.0, "axial", 45.0),
-    ("siemens-enhanced", 7.0, "coronal", 0.0),
-    ("ge", 3.0, "axial", 20.0),
-    ("ge", 1.5, "coronal", 0.0),
-    ("philips", 3.0, "sagittal", 20.0),
-    ("philips", 7.0, "axial", 45.0),
-    ("philips-enhanced", 1.5, "axial", 0.0),
-    ("philips-enhanced", 3.0, "coronal", 20.0),
-    ("canon", 3.0, "axial", 0.0),
-])
+@pytest.mark.parametrize(
+    "vendor,field,orientation,oblique",
+    [
+        ("siemens", 3.0, "axial", 0.0),
+        ("siemens", 1.5, "axial", 20.0),
+        ("siemens", 7.0, "sagittal", 0.0),
+        ("siemens-enhanced", 3.0, "axial", 45.0),
+        ("siemens-enhanced", 7.0, "coronal", 0.0),
+        ("ge", 3.0, "axial", 20.0),
+        ("ge", 1.5, "coronal", 0.0),
+        ("philips", 3.0, "sagittal", 20.0),
+        ("philips", 7.0, "axial", 45.0),
+        ("philips-enhanced", 1.5, "axial", 0.0),
+        ("philips-enhanced", 3.0, "coronal", 20.0),
+        ("canon", 3.0, "axial", 0.0),
+    ],
+)
 def test_round_trip(tmp_path, vendor, field, orientation, oblique):
-    scan = simulate_scan(tmp_path, vendor=vendor, field_tesla=field, orientation=orientation,
-                         oblique_deg=oblique, seed=2, **SMALL)
+    scan = simulate_scan(
+        tmp_path,
+        vendor=vendor,
+        field_tesla=field,
+        orientation=orientation,
+        oblique_deg=oblique,
+        seed=2,
+        **SMALL,
+    )
     acq = load_acquisition([scan.dicom_dir])
     assert_round_trip(acq, scan, phase_tol=2e-3 if vendor != "ge" else 1.5e-3)
     assert acq.vendor == vendor.split("-")[0]
@@ -103,17 +113,30 @@ def test_datasets_and_files_in_any_order(tmp_path):
     assert_round_trip(acq, scan)
 
 
-@pytest.mark.parametrize("ts", [
-    pydicom.uid.ImplicitVRLittleEndian,
-    pydicom.uid.DeflatedExplicitVRLittleEndian,
-    pydicom.uid.JPEGLSLossless,
-    pydicom.uid.JPEG2000Lossless,
-    pydicom.uid.RLELossless,
-])
+@pytest.mark.parametrize(
+    "ts",
+    [
+        pydicom.uid.ImplicitVRLittleEndian,
+        pydicom.uid.DeflatedExplicitVRLittleEndian,
+        pydicom.uid.JPEGLSLossless,
+        pydicom.uid.JPEG2000Lossless,
+        pydicom.uid.RLELossless,
+    ],
+)
 def test_transfer_syntaxes(tmp_path, ts):
-    scan = simulate_scan(tmp_path, vendor="siemens", seed=6, transfer_syntax=ts,
-                         matrix=(32, 32, 12), voxel_size_mm=(4.0, 4.0, 4.0), echo_times_ms=[5, 12, 19])
-    assert str(pydicom.dcmread(scan.paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID) == ts
+    scan = simulate_scan(
+        tmp_path,
+        vendor="siemens",
+        seed=6,
+        transfer_syntax=ts,
+        matrix=(32, 32, 12),
+        voxel_size_mm=(4.0, 4.0, 4.0),
+        echo_times_ms=[5, 12, 19],
+    )
+    assert (
+        str(pydicom.dcmread(scan.paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        == ts
+    )
     acq = load_acquisition([scan.dicom_dir])
     bright = np.abs(scan.signal) > 0.2 * np.abs(scan.signal).max()
     assert np.abs(np.angle(acq.signal * np.conj(scan.signal))[bright]).max() < 2e-3
@@ -125,15 +148,26 @@ def test_jpeg_lossless_from_dcmtk(tmp_path):
 
     if not shutil.which("/usr/bin/dcmcjpeg"):
         pytest.skip("DCMTK dcmcjpeg not installed")
-    scan = simulate_scan(tmp_path / "s", vendor="siemens", seed=6, matrix=(32, 32, 10),
-                         voxel_size_mm=(4.0, 4.0, 4.0), echo_times_ms=[5, 12])
+    scan = simulate_scan(
+        tmp_path / "s",
+        vendor="siemens",
+        seed=6,
+        matrix=(32, 32, 10),
+        voxel_size_mm=(4.0, 4.0, 4.0),
+        echo_times_ms=[5, 12],
+    )
     out = tmp_path / "jpeg"
     for p in scan.paths:
         target = out / p.parent.name / p.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["/usr/bin/dcmcjpeg", "+e1", "+un", str(p), str(target)], check=True,
-                       capture_output=True)
-    ts = pydicom.dcmread(next(out.rglob("*.dcm")), stop_before_pixels=True).file_meta.TransferSyntaxUID
+        subprocess.run(
+            ["/usr/bin/dcmcjpeg", "+e1", "+un", str(p), str(target)],
+            check=True,
+            capture_output=True,
+        )
+    ts = pydicom.dcmread(
+        next(out.rglob("*.dcm")), stop_before_pixels=True
+    ).file_meta.TransferSyntaxUID
     assert ts == pydicom.uid.JPEGLosslessSV1
     acq = load_acquisition([out])
     bright = np.abs(scan.signal) > 0.2 * np.abs(scan.signal).max()
@@ -142,12 +176,19 @@ def test_jpeg_lossless_from_dcmtk(tmp_path):
 
 def test_repeated_acquisitions_are_split_and_load_acquisition_refuses_two(tmp_path):
     a = simulate_scan(tmp_path / "a", vendor="siemens", seed=7, **SMALL)
-    b = simulate_scan(tmp_path / "b", vendor="siemens", seed=8, writer_options=WriterOptions(
-        extra={"AcquisitionTime": "111500.000000"}), **SMALL)
+    b = simulate_scan(
+        tmp_path / "b",
+        vendor="siemens",
+        seed=8,
+        writer_options=WriterOptions(extra={"AcquisitionTime": "111500.000000"}),
+        **SMALL,
+    )
     # same patient, same frame of reference and geometry: only the acquisition time tells them apart
     for p in b.paths:
         ds = pydicom.dcmread(p)
-        ds.FrameOfReferenceUID = pydicom.dcmread(a.paths[0], stop_before_pixels=True).FrameOfReferenceUID
+        ds.FrameOfReferenceUID = pydicom.dcmread(
+            a.paths[0], stop_before_pixels=True
+        ).FrameOfReferenceUID
         ds.save_as(p)
     acqs = load_acquisitions([a.dicom_dir, b.dicom_dir])
     assert len(acqs) == 2

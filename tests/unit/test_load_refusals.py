@@ -17,8 +17,14 @@ N_SLICES, N_ECHOES = 12, 3
 
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory):
-    return simulate_scan(tmp_path_factory.mktemp("refusals"), vendor="siemens", matrix=(28, 28, N_SLICES),
-                         voxel_size_mm=(5.0, 5.0, 5.0), echo_times_ms=[5, 12, 19], seed=9)
+    return simulate_scan(
+        tmp_path_factory.mktemp("refusals"),
+        vendor="siemens",
+        matrix=(28, 28, N_SLICES),
+        voxel_size_mm=(5.0, 5.0, 5.0),
+        echo_times_ms=[5, 12, 19],
+        seed=9,
+    )
 
 
 @pytest.fixture
@@ -84,14 +90,17 @@ def test_phase_at_one_echo_only_is_a_phase_difference_map(datasets):
     refused(kept, REFUSAL_PHASE_DIFFERENCE.split(":")[0])
 
 
-@pytest.mark.parametrize("image_type,pattern", [
-    (["DERIVED", "PRIMARY", "M", "SWI"], "SWI"),
-    (["DERIVED", "PRIMARY", "MNIP"], "minIP"),
-    (["ORIGINAL", "PRIMARY", "M", "MOCO"], "MOCO"),
-    (["ORIGINAL", "PRIMARY", "M", "ND", "FIL"], "FIL"),
-    (["DERIVED", "SECONDARY", "QSM"], "QSM"),
-    (["ORIGINAL", "PRIMARY", "B0", "FIELD_MAP"], "scanner field map (Hz), not phase"),
-])
+@pytest.mark.parametrize(
+    "image_type,pattern",
+    [
+        (["DERIVED", "PRIMARY", "M", "SWI"], "SWI"),
+        (["DERIVED", "PRIMARY", "MNIP"], "minIP"),
+        (["ORIGINAL", "PRIMARY", "M", "MOCO"], "MOCO"),
+        (["ORIGINAL", "PRIMARY", "M", "ND", "FIL"], "FIL"),
+        (["DERIVED", "SECONDARY", "QSM"], "QSM"),
+        (["ORIGINAL", "PRIMARY", "B0", "FIELD_MAP"], "scanner field map (Hz), not phase"),
+    ],
+)
 def test_derived_and_field_map_series_are_refused(datasets, image_type, pattern):
     for ds in datasets:
         ds.ImageType = image_type

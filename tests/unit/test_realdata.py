@@ -16,7 +16,9 @@ from qsmnode.errors import InputRefused
 REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
 
 pytestmark = pytest.mark.skipif(
-    not REALDATA.is_dir(), reason=f"real scanner DICOM not present at {REALDATA} (see shared/realdata/README.md)")
+    not REALDATA.is_dir(),
+    reason=f"real scanner DICOM not present at {REALDATA} (see shared/realdata/README.md)",
+)
 
 
 def folder(name: str) -> Path:
