@@ -630,29 +630,30 @@ class Dispatcher:
         chunks = [items[k::n] for k in range(n)]
         results: dict[int, str | None] = {}
         errors: list[_Transient] = []
+        # the first association alone: when the destination is down, one attempt (and one log
+        # line) per retry, not n
+        first = self._open_association(dest, contexts)
 
-        def run(chunk: list[_Item]) -> None:
+        def run(chunk: list[_Item], assoc=None) -> None:
             try:
-                results.update(self._send_dimse_one(dest, chunk, contexts))
+                results.update(self._send_dimse_one(dest, chunk, contexts, assoc))
             except _Transient as err:
                 results.update(err.partial)
                 errors.append(err)
 
-        if n == 1:
-            run(chunks[0])
-        else:
-            threads = [threading.Thread(target=run, args=(c,), name=f"qsmnode-dispatch-{dest.name}-{k}",
-                                        daemon=True) for k, c in enumerate(chunks)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        threads = [threading.Thread(target=run, args=(c,), name=f"qsmnode-dispatch-{dest.name}-{k}",
+                                    daemon=True) for k, c in enumerate(chunks[1:], start=1)]
+        for t in threads:
+            t.start()
+        run(chunks[0], first)
+        for t in threads:
+            t.join()
         if errors:
             raise _Transient(str(errors[0]), partial=results)
         return results
 
-    def _send_dimse_one(self, dest: Destination, items: list[_Item], contexts) -> dict[int, str | None]:
-        """One association: C-STORE every item; rowid -> None (delivered) or the refusal."""
+    def _open_association(self, dest: Destination, contexts):
+        """An established association with ``dest`` proposing ``contexts``; ``_Transient`` if not."""
         from pynetdicom import AE
 
         ae = AE(ae_title=self.local_ae_title)
@@ -677,6 +678,13 @@ class Dispatcher:
         if self._stop.is_set():
             assoc.abort()
         _set_nodelay(assoc)
+        return assoc
+
+    def _send_dimse_one(self, dest: Destination, items: list[_Item], contexts, assoc=None
+                        ) -> dict[int, str | None]:
+        """One association (``assoc`` or a new one): C-STORE every item; rowid -> None or the refusal."""
+        if assoc is None:
+            assoc = self._open_association(dest, contexts)
         results: dict[int, str | None] = {}
         try:
             self._store_all(dest, assoc, items, results)

@@ -121,11 +121,13 @@ def test_outputs_arrive_after_the_pacs_comes_back(orthanc, simulated_scan, free_
         deadline = time.monotonic() + 120
         qsm = []
         while not qsm or qsm[0]["NumberOfInstances"] < n_slices:
-            assert time.monotonic() < deadline, (f"QSM series not in Orthanc within 120 s of its "
-                                                 f"return:\n{node.log_tail()}")
+            assert time.monotonic() < deadline, (
+                f"QSM series not in Orthanc within 120 s of its return; study {study_uid} has "
+                f"{[(s.get('SeriesDescription'), s['NumberOfInstances']) for s in orthanc.series_of_study(study_uid)]}"
+                f", Orthanc holds {orthanc.instance_count()} instances:\n{node.log_tail()}")
             time.sleep(0.5)
             qsm = [s for s in orthanc.series_of_study(study_uid)
-                   if s.get("SeriesDescription", "").upper().startswith("QSM")]
+                   if s.get("SeriesDescription", "").split()[:1] == ["QSM"]]
         # wait for the node to have nothing left in its outbox, then check what arrived
         deadline = time.monotonic() + 60
         while node.metric("qsmnode_outbox_pending") > 0 and time.monotonic() < deadline:
