@@ -12,7 +12,7 @@ from qsmnode.errors import InputRefused, QsmNodeError
 
 PROCESS_EXAMPLE = """example:
   qsmnode process sample_dicom/siemens_3T -o out/ --device auto
-  qsmnode process /data/study1 /data/study2 -o out/ --preset 7T
+  qsmnode process /data/study1 /data/study2 -o out/ --preset accurate
 
 Every acquisition found in the inputs (files or folders, searched recursively) is reconstructed
 into its own folder under OUTDIR, one sub-folder per output kind (QSM, SWI, MINIP, R2STAR,
@@ -69,7 +69,8 @@ def register_file_commands(subparsers, formatter_class) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="where to reconstruct")
-    p.add_argument("--preset", default=None, help="field-strength preset (1.5T, 3T, 7T); default: from B0")
+    p.add_argument("--preset", default=None, help="named preset on top of the field-strength table (default, fast, accurate, "
+                   "csf_reference); field-dependent values always follow B0 from ImagingFrequency")
     p.add_argument("--set", dest="overrides", type=_overrides, default=None, metavar="JSON",
                    help="override preset parameters, as a JSON object")
     p.add_argument("--no-parametric-map", action="store_true", help="do not write the float Parametric Map")
