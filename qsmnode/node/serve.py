@@ -53,7 +53,7 @@ class Node:
         self.metrics = NodeMetrics()
         self.audit = AuditLog(config.audit_path)
         self.index = Index(config.db_path)
-        self.spool = Spool(config.storage)
+        self.spool = Spool(config.storage, fsync_directory=config.fsync_directory)
         self.dispatcher = Dispatcher(config.db_path, config.ae_title, self.metrics, self.audit,
                                      on_job_done=self._on_dispatched)
         self.worker = WorkerPool(config, self.index, self.dispatcher, metrics=self.metrics, audit=self.audit)

@@ -14,6 +14,7 @@ ae_title = "QSMNODE"
 port = 11112
 storage = "store"
 device = "cpu"
+fsync_directory = true
 quiet_seconds = 5
 incomplete_cap_seconds = 60
 allowed_calling_aets = ["MR1", "MR2"]
@@ -57,7 +58,7 @@ def test_good_config_loads_with_resolved_paths(tmp_path):
     assert cfg.db_path == cfg.storage / "index.sqlite"
     assert cfg.audit_path == cfg.storage / "audit.log"
     assert cfg.device == "cpu" and cfg.quiet_seconds == 5.0 and cfg.retention_hours == 2.0
-    assert cfg.allowed_calling_aets == ("MR1", "MR2")
+    assert cfg.allowed_calling_aets == ("MR1", "MR2") and cfg.fsync_directory is True
     assert set(cfg.destinations) == {"pacs"}
     pacs = cfg.destinations["pacs"]
     assert (pacs.ae_title, pacs.host, pacs.port) == ("PACS", "10.0.0.5", 104)
