@@ -126,6 +126,39 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     return ds
 
 
+class _PollingClock:
+    """Stands in for the ``time`` module inside ``pynetdicom.association``: the acceptor's reactor
+    polls its DIMSE queue with a hard-coded ``time.sleep(0.001)`` per loop, which caps one
+    association at well under 1,000 messages/s; this turns exactly that sleep into ``poll_s``."""
+
+    def __init__(self, poll_s: float):
+        self.poll_s = poll_s
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self.poll_s if seconds == 0.001 else seconds)
+
+
+def tune_pynetdicom_polling(poll_s: float) -> None:
+    """Make pynetdicom's association reactors poll every ``poll_s`` seconds instead of 1 ms.
+
+    pynetdicom (3.x) runs two polling loops per association, each sleeping 1 ms when idle: the
+    DUL reactor (``dul._run_loop_delay``, set per association in :meth:`Receiver._on_accepted`)
+    and the association reactor (a literal ``time.sleep(0.001)``, changed here for the process).
+    Measured on 2 cores, 64x64 instances, storescu with TCP_NODELAY: 234/s at 1 ms, 498/s at
+    0.1 ms (durable on disk). The cost is CPU while associations are open (one wake-up per
+    ``poll_s`` per thread); idle associations are closed by the network timeout.
+    """
+    import pynetdicom.association as association
+
+    if poll_s >= 0.001:
+        association.time = time
+    else:
+        association.time = _PollingClock(poll_s)
+
+
 class Receiver:
     """C-ECHO + C-STORE SCP of the node.
 
@@ -169,6 +202,7 @@ class Receiver:
             (evt.EVT_PDU_SENT, self._on_pdu),
         ]
         ssl_context = cfg.tls.server_context() if cfg.tls else None
+        tune_pynetdicom_polling(cfg.receiver_poll_ms / 1000.0)
         self._ae = ae
         self._server = ae.start_server((cfg.bind, cfg.port), block=False, evt_handlers=handlers,
                                        ssl_context=ssl_context)
@@ -226,6 +260,7 @@ class Receiver:
 
     def _on_accepted(self, event) -> None:
         rq = event.assoc.requestor
+        event.assoc.dul._run_loop_delay = min(0.001, self.config.receiver_poll_ms / 1000.0)
         event.assoc.qsm_stats = {"stored": 0, "duplicate": 0, "rejected": 0, "series": set(), "studies": set(),
                                  "t0": time.monotonic()}
         if self.metrics:

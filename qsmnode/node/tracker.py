@@ -130,6 +130,12 @@ class Tracker:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(self.poll_seconds)
+            # while instances keep arriving, let the receiver have the CPU (and the GIL): classify
+            # once the burst pauses for 0.2 s, or every 2 s at the latest
+            deadline = time.monotonic() + 2.0
+            while self._wake.is_set() and time.monotonic() < deadline and not self._stop.is_set():
+                self._wake.clear()
+                self._wake.wait(0.2)
             self._wake.clear()
             try:
                 self.step()
