@@ -126,7 +126,8 @@ class Child:
                                      env=env, start_new_session=True)
 
     def tail(self, n: int = 20) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def stop(self) -> None:
@@ -239,42 +240,52 @@ def receive_runs(root: Path, n: int, receiver: str, orthanc_port: int) -> list[d
 
 
 def profile_receiver(root: Path, n: int, orthanc_port: int) -> str:
-    """py-spy the node while it receives ``n`` instances (1 association, TCP_NODELAY=1): top frames."""
+    """py-spy (attached by pid) the node while it receives ``n`` instances over one association
+    with TCP_NODELAY=1; returns the functions with the largest inclusive and self shares of the
+    node's active (non-idle) samples."""
     if shutil.which("py-spy") is None:
         return "py-spy is not installed (pip install py-spy) - no profile"
     workdir = root / "profile"
     workdir.mkdir()
     out = workdir / "receiver.txt"
-    child, port, _ = start_node(workdir, orthanc_port, profile=out)
+    src = root / "data-profile"
+    make_instances(src, n)
+    child, port, _ = start_node(workdir, orthanc_port)
     try:
-        src = root / "data-profile"
-        make_instances(src, n)
-        storescu_parallel([[src]], port, "QSMNODE", True)
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(child.proc.pid), "--threads", "--format", "raw",
+                                "--rate", "250", "--duration", "8", "--nonblocking", "-o", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(1.0)
+        secs, _ = storescu_parallel([[src]], port, "QSMNODE", True)
+        spy_out = spy.communicate(timeout=60)[0]
     finally:
         child.stop()
-        time.sleep(1)
     if not out.exists():
-        return f"py-spy wrote no profile:\n{child.tail()}"
-    # raw format: 'frame;frame;... count' lines; sum self and inclusive time per function
+        return f"py-spy wrote no profile: {spy_out.strip()[-300:]}"
     incl: dict[str, int] = {}
+    self_t: dict[str, int] = {}
     total = 0
     for line in out.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
         c = int(count)
-        frames = stack.split(";")
-        if not any("_on_store" in f or "handle_store" in f or "C_STORE" in f or "dimse" in f.lower()
-                   for f in frames):
+        frames = [f for f in stack.split(";") if not f.startswith("thread ") and not f.startswith("process ")]
+        if not frames:
             continue
         total += c
         for f in set(frames):
             incl[f] = incl.get(f, 0) + c
+        self_t[frames[-1]] = self_t.get(frames[-1], 0) + c
     if not total:
-        return f"no receiver samples in {out}"
-    lines = [f"receiver threads (samples in the C-STORE path: {total}); inclusive share:"]
-    for f, c in sorted(incl.items(), key=lambda x: -x[1])[:25]:
-        lines.append(f"  {100 * c / total:5.1f}%  {f[:150]}")
+        return f"no samples in {out}"
+    lines = [f"py-spy of the node receiving {n} instances ({n / secs:.0f}/s while sampled, 1 association, "
+             f"TCP_NODELAY=1): {total} active samples at 250 Hz over 8 s", "inclusive share:"]
+    for f, c in sorted(incl.items(), key=lambda x: -x[1])[:22]:
+        lines.append(f"  {100 * c / total:5.1f}%  {f[:140]}")
+    lines.append("self share:")
+    for f, c in sorted(self_t.items(), key=lambda x: -x[1])[:14]:
+        lines.append(f"  {100 * c / total:5.1f}%  {f[:140]}")
     return "\n".join(lines)
 
 
@@ -331,6 +342,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet-seconds", type=float, default=None,
                     help="node quiet period for the e2e run (written to a --config file)")
     ap.add_argument("--skip-receive", action="store_true")
+    ap.add_argument("--reference-instances", type=int, default=300,
+                    help="instances per run against the DCMTK storescp reference")
     ap.add_argument("--skip-reference", action="store_true", help="skip the DCMTK storescp reference runs")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--profile", action="store_true", help="py-spy the receiver during one run")
@@ -347,7 +360,7 @@ def main(argv=None) -> int:
         if not args.skip_receive:
             print(f"receive: {args.instances} instances of 64x64 int16 per run", flush=True)
             if not args.skip_reference:
-                rows += receive_runs(root, args.instances, "storescp", o_port)
+                rows += receive_runs(root, args.reference_instances, "storescp", o_port)
             if serve_available():
                 rows += receive_runs(root, args.instances, "node", o_port)
             else:
