@@ -95,15 +95,34 @@ def _gradient_symbol(pshape, voxel_size_mm, xp):
     return g2
 
 
-def _grad(x, voxel_size_mm, xp):
-    return [(xp.roll(x, -1, axis=a) - x) / float(v) for a, v in enumerate(voxel_size_mm)]
+def _grad(x, voxel_size_mm, xp, out=None):
+    """Periodic forward differences per mm along i, j, k (into ``out`` buffers when given)."""
+    out = out or [xp.empty_like(x) for _ in range(3)]
+    for a, v in enumerate(voxel_size_mm):
+        hi = [slice(None)] * 3
+        lo = [slice(None)] * 3
+        hi[a], lo[a] = slice(1, None), slice(None, -1)
+        last, first = [slice(None)] * 3, [slice(None)] * 3
+        last[a], first[a] = slice(-1, None), slice(0, 1)
+        g = out[a]
+        xp.subtract(x[tuple(hi)], x[tuple(lo)], out=g[tuple(lo)])
+        xp.subtract(x[tuple(first)], x[tuple(last)], out=g[tuple(last)])
+        g *= xp.float32(1.0 / float(v))
+    return out
 
 
 def _grad_adjoint(ys, voxel_size_mm, xp):
-    out = None
+    """Adjoint of :func:`_grad`: sum over axes of (y[n-1] - y[n]) / h (periodic)."""
+    out = xp.zeros_like(ys[0])
     for a, (y, v) in enumerate(zip(ys, voxel_size_mm)):
-        term = (xp.roll(y, 1, axis=a) - y) / float(v)
-        out = term if out is None else out + term
+        hi = [slice(None)] * 3
+        lo = [slice(None)] * 3
+        hi[a], lo[a] = slice(1, None), slice(None, -1)
+        last, first = [slice(None)] * 3, [slice(None)] * 3
+        last[a], first[a] = slice(-1, None), slice(0, 1)
+        scale = xp.float32(1.0 / float(v))
+        out[tuple(hi)] += (y[tuple(lo)] - y[tuple(hi)]) * scale
+        out[tuple(first)] += (y[tuple(last)] - y[tuple(first)]) * scale
     return out
 
 
@@ -142,8 +161,10 @@ def fansi_wtv(local_field_ppm, mask, voxel_size_mm, b0_direction, *, weights=Non
     s2 = xp.zeros(pshape, dtype=xp.float32)
     update = float("inf")
     it = 0
+    g = None
     for it in range(1, int(iterations) + 1):
-        rhs = mu1 * _grad_adjoint([zi - si for zi, si in zip(z, s)], voxel_size_mm, xp)
+        rhs = _grad_adjoint([zi - si for zi, si in zip(z, s)], voxel_size_mm, xp)
+        rhs *= xp.float32(mu1)
         chi_hat = (rfftn(rhs, xp) + mu2 * d * rfftn(z2 - s2, xp)) / denom
         chi_new = irfftn(chi_hat, pshape, xp)
         d_chi = irfftn(d * chi_hat, pshape, xp)
@@ -151,11 +172,13 @@ def fansi_wtv(local_field_ppm, mask, voxel_size_mm, b0_direction, *, weights=Non
         norm = float(xp.linalg.norm(chi_new.ravel())) or 1.0
         chi = chi_new
         update = diff / norm
-        g = _grad(chi, voxel_size_mm, xp)
+        g = _grad(chi, voxel_size_mm, xp, out=g)
         for a in range(3):
-            v = g[a] + s[a]
-            z[a] = xp.sign(v) * xp.maximum(xp.abs(v) - thr, 0)
-            s[a] = v - z[a]
+            v = g[a]
+            v += s[a]  # v = grad chi + s (in the gradient buffer)
+            # z = soft-threshold(v); s = v - z = clip(v, -thr, thr)
+            xp.clip(v, -thr, thr, out=s[a])
+            xp.subtract(v, s[a], out=z[a])
         v2 = d_chi + s2
         z2 = (w2f + mu2 * v2) / (w2 + mu2)
         s2 = v2 - z2

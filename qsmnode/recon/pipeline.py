@@ -175,8 +175,12 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
     finite_noise = noise_hz[mask & xp.isfinite(noise_hz)]
     quality["field_noise_median_hz"] = float(xp.median(finite_noise)) if finite_noise.size else float("nan")
 
-    # -- background field removal ---------------------------------------------------------------------
+    # -- background field removal (on the mask's bounding box; the FFT padding is added inside) ---------
     t = _Timer()
+    full_shape = tuple(mask.shape)
+    box = bounding_box(mask)
+    full_mask = mask
+    mask, total_ppm, noise_ppm = mask[box], total_ppm[box], noise_ppm[box]
     weights = inversion.data_weights(noise_ppm, mask, params["model_error_ppm"])
     method = params["background_method"]
     if method == "pdf":
@@ -224,6 +228,8 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
     _sync(xp)
     steps.append(StepRecord("dipole_inversion", algorithm, REFERENCES[inv_method], inv_params, t()))
     quality["fit_residual"] = _data_residual(chi, local_ppm, mask, weights, vox, b0dir, params["inversion_pad_mm"])
+    chi, local_ppm, mask = (_uncrop(a, box, full_shape, xp) for a in (chi, local_ppm, mask))
+    del full_mask
 
     # -- R2* / T2* --------------------------------------------------------------------------------------
     t = _Timer()
@@ -295,6 +301,28 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
         device=dev,
         warnings=warnings,
     )
+
+
+def bounding_box(mask, margin=1):
+    """Slices of the smallest box holding the mask, grown by ``margin`` voxels (clipped to the array)."""
+    from qsmnode.recon.backend import array_module
+
+    xp = array_module(mask)
+    out = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        proj = to_host(xp.any(mask, axis=others))
+        idx = np.nonzero(proj)[0]
+        if idx.size == 0:
+            raise ReconstructionError("the brain mask is empty", "check that the series covers the head")
+        out.append(slice(max(0, int(idx[0]) - margin), min(mask.shape[axis], int(idx[-1]) + 1 + margin)))
+    return tuple(out)
+
+
+def _uncrop(a, box, shape, xp):
+    out = xp.zeros(shape, dtype=a.dtype)
+    out[box] = a
+    return out
 
 
 def _data_residual(chi, local_ppm, mask, weights, vox, b0dir, pad_mm) -> float:

@@ -133,7 +133,6 @@ def _report(tag, fig):
           f"coverage {fig['coverage']:.3f}  outside {fig['outside']:.3f}")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("b0, angle", CASES)
 def test_end_to_end_bar(run, phantom, b0, angle):
     result = run(b0, angle)
@@ -145,7 +144,6 @@ def test_end_to_end_bar(run, phantom, b0, angle):
     assert not result.chi_ppm[~result.mask].any()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("angle", [0.0, 20.0])
 def test_deep_grey_means_agree_across_fields(run, phantom, angle):
     means = np.array([evaluate(run(b0, angle), phantom)["dgm_means"] for b0 in (1.5, 3.0, 7.0)])
@@ -154,7 +152,6 @@ def test_deep_grey_means_agree_across_fields(run, phantom, angle):
     assert spread_ppb.max() <= 10.0, dict(zip(DEEP_GREY_NUCLEI, spread_ppb))
 
 
-@pytest.mark.slow
 def test_result_record_and_quality(run, phantom):
     result = run(3.0, 20.0)
     names = [s.name for s in result.steps]
@@ -181,7 +178,6 @@ def test_result_record_and_quality(run, phantom):
     assert 15 < wm < 25, wm
 
 
-@pytest.mark.slow
 def test_csf_reference_option(run, phantom):
     wb = run(3.0, 0.0)
     signal = simulate_gre(phantom, 3.0, ECHO_TIMES_S[3.0], b0_direction(0.0), snr=100.0, seed=7)

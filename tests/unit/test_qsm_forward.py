@@ -22,7 +22,6 @@ from test_pipeline_accuracy import assert_bar, evaluate  # noqa: E402  (sibling 
 ECHO_TIMES_S = [0.004, 0.009, 0.014, 0.019, 0.024]
 
 
-@pytest.mark.slow
 def test_reconstruct_qsm_forward_scan():
     b0 = 3.0
     ph = head_phantom(matrix=(96, 96, 72), voxel_size_mm=(2.0, 2.0, 2.0), seed=0)
