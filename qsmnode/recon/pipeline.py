@@ -132,7 +132,8 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
         )
     steps.append(StepRecord("echo_selection", "TE limit per field strength", "qsmnode presets",
                             {"echo_max_te_s": params["echo_max_te_s"], "echoes_used": [i + 1 for i in echoes],
-                             "echo_times_ms": [round(float(x) * 1e3, 3) for x in te]}, 0.0))
+                             "echo_times_ms": [round(float(x) * 1e3, 3) for x in te],
+                             "single_echo_path": bool(te_all.size == 1)}, 0.0))
 
     # -- brain mask --------------------------------------------------------------------------------
     t = _Timer()

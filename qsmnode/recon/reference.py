@@ -103,7 +103,9 @@ def reference_susceptibility(chi_ppm, mask, *, region="whole_brain", r2star_per_
             offsets["csf"] = float(np.mean(to_host(chi_wb)[csf_mask]))
     if region == "csf":
         if csf_mask is None:
-            notes.append("CSF reference requested but no ventricular CSF was found; referenced to whole brain")
+            why = ("no ventricular CSF was found" if r2star_per_s is not None
+                   else "finding the ventricles needs R2* (two or more echoes)")
+            notes.append(f"CSF reference requested but {why}; referenced to whole brain")
             return chi_wb, offsets, None, notes
         c = offsets["csf"]
         chi_csf = xp.where(m, chi_wb - xp.float32(c), 0.0).astype(xp.float32)

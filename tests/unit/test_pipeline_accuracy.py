@@ -211,6 +211,19 @@ def test_single_echo_and_fast_preset():
     assert any("V-SHARP erodes" in w for w in result.warnings)
     assert fig["dgm_slope"] > 0.4
     assert [s.algorithm for s in result.steps if s.name == "dipole_inversion"] == ["TKD"]
+    assert next(s for s in result.steps if s.name == "echo_selection").parameters["single_echo_path"] is True
+
+
+def test_csf_reference_without_r2star_falls_back_to_whole_brain():
+    from qsmnode.recon.reference import reference_susceptibility
+
+    chi = np.random.default_rng(0).normal(0.01, 0.02, (16, 16, 12)).astype(np.float32)
+    mask = np.zeros(chi.shape, bool)
+    mask[2:14, 2:14, 2:10] = True
+    out, offsets, csf_mask, notes = reference_susceptibility(chi, mask, region="csf")
+    assert csf_mask is None and "two or more echoes" in notes[0]
+    assert abs(float(out[mask].mean())) < 1e-6 and not out[~mask].any()
+    assert offsets == {"whole_brain": 0.0}
 
 
 def test_gpu_request_without_gpu_is_refused_clearly():
