@@ -369,7 +369,9 @@ class Dispatcher:
                               instances=len(rows))
         if self._running:
             self._ensure_worker(destination.name)
-            self._wake[destination.name].set()
+            wake = self._wake.get(destination.name)
+            if wake is not None:
+                wake.set()
 
     def start(self) -> None:
         """Start one worker per destination with pending files (and later ones on enqueue)."""
@@ -475,17 +477,15 @@ class Dispatcher:
         while not self._stop.is_set():
             wake.clear()
             try:
-                did = self._run_batch(name)
-            except Exception:  # never let a bug kill the worker: log, back off, go on
-                log.exception("dispatch worker %s: unexpected error", name)
-                did = False
-                self._stop.wait(self.base_delay_s)
-            if did:
-                continue
-            rows = self._query("SELECT min(next_attempt_at) FROM outbox WHERE destination=? "
-                               "AND state='pending'", (name,))
-            nxt = rows[0][0] if rows else None
-            wait = 5.0 if nxt is None else min(5.0, max(0.0, nxt - time.time()))
+                if self._run_batch(name):
+                    continue
+                rows = self._query("SELECT min(next_attempt_at) FROM outbox WHERE destination=? "
+                                   "AND state='pending'", (name,))
+                nxt = rows[0][0] if rows else None
+                wait = 5.0 if nxt is None else min(5.0, max(0.0, nxt - time.time()))
+            except Exception:  # never let a bug or a locked index kill the worker: log, back off
+                log.exception("dispatch worker %s: unexpected error; retrying", name)
+                wait = self.base_delay_s
             wake.wait(wait)
 
     def _due(self, name: str) -> list[_Item]:
