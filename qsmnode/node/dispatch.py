@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import socket
 import sqlite3
 import ssl
 import threading
@@ -677,7 +678,7 @@ class Dispatcher:
             self._assocs.add(assoc)
         if self._stop.is_set():
             assoc.abort()
-        _set_nodelay(assoc)
+        _tune_socket(assoc)
         return assoc
 
     def _send_dimse_one(self, dest: Destination, items: list[_Item], contexts, assoc=None
@@ -812,19 +813,43 @@ class Dispatcher:
         return cls._stow_failures(ds)
 
 
-def _set_nodelay(assoc) -> None:
-    """Disable Nagle on the association's socket.
+class _QuickAckSocket:
+    """Socket proxy that re-arms TCP_QUICKACK after every ``recv`` (Linux).
+
+    A PACS that leaves Nagle on (DCMTK-based ones as shipped, Orthanc among them) writes its
+    C-STORE response in two segments and holds the second until the first is ACKed; Linux
+    delays that ACK by 40 ms, so each C-STORE costs ~48 ms (~21/s per association). ACKing at
+    once removes the stall: ~6 ms per C-STORE against Orthanc 1.10 on loopback.
+    """
+
+    def __init__(self, sock) -> None:
+        self._sock = sock
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+    def recv(self, *args, **kwargs):
+        data = self._sock.recv(*args, **kwargs)
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:  # closed meanwhile: nothing to tune
+            pass
+        return data
+
+
+def _tune_socket(assoc) -> None:
+    """TCP_NODELAY on our side, quick ACKs of the peer's segments (see :class:`_QuickAckSocket`).
 
     pynetdicom writes each C-STORE as separate P-DATA PDUs (command, then data set); with Nagle
-    on, the second waits for the peer's delayed ACK (40 ms+ on Linux), which caps a batch at
-    ~10 instances/s. With TCP_NODELAY the batch runs at the peer's speed.
+    on, the second waits for the peer's delayed ACK (40 ms+ on Linux).
     """
-    import socket as _socket
-
     try:
         sock = assoc.dul.socket.socket
-        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):  # not a TCP socket (or already closed): nothing to tune
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_QUICKACK"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            assoc.dul.socket.socket = _QuickAckSocket(sock)
+    except (AttributeError, OSError):  # not a TCP socket (or already closed): leave it as it is
         pass
 
 
