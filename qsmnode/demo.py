@@ -134,7 +134,7 @@ def run_demo(workdir: Path, timeout_s: float = 900.0, device: str = "auto") -> i
         print(f"qsmnode demo: sending {len(samples)} sample instances ({n_studies} studies) to the node ...")
         send_files(samples, node_port, "QSMNODE")
         sent = time.perf_counter()
-        expected_series = n_studies * (len(EXPECTED_KINDS) + 2)  # + Parametric Map + SR
+        expected_series = n_studies * (len(EXPECTED_KINDS) + 3)  # + Parametric Map, SR, summary image
         while time.perf_counter() - sent < timeout_s:
             if node.poll() is not None:
                 raise QsmNodeError(f"the node stopped (exit {node.returncode})", f"see {log_path}")
