@@ -45,6 +45,19 @@ _RULE_KEYS = {"name", "preset", "destinations", "parametric_map", "summary_image
 _MATCH_KEYS = {"calling_ae", "image_type", "qsm_input", "tags"}
 
 
+def _check_preset(preset: str, overrides: dict, where: str) -> None:
+    """The preset must be one the reconstruction knows, and every override key a known parameter."""
+    from qsmnode.recon.presets import NAMED_PRESETS, known_keys
+
+    if preset != "auto" and preset not in NAMED_PRESETS:
+        raise ConfigError(f"{where}: unknown preset {preset!r}",
+                          f"use auto or one of {', '.join(sorted(NAMED_PRESETS))}")
+    unknown = sorted(set(overrides) - set(known_keys()))
+    if unknown:
+        raise ConfigError(f"{where}: unknown override(s) {', '.join(unknown)}",
+                          f"known parameters: {', '.join(sorted(known_keys()))}")
+
+
 @dataclass(frozen=True)
 class TagCondition:
     """One condition on a DICOM attribute (by keyword): regexes, a numeric range or a number."""
@@ -123,6 +136,7 @@ class Rule:
         pmap = _typed(table, "parametric_map", bool, where)
         summ = _typed(table, "summary_image", bool, where)
         overrides = _typed(table, "overrides", dict, where) or {}
+        _check_preset(preset, overrides, where)
         match = _typed(table, "match", dict, where) or {}
         _unknown(match, _MATCH_KEYS, f"{where} match")
         calling = _typed(match, "calling_ae", str, f"{where} match")

@@ -35,7 +35,7 @@ address = "PACS@10.0.0.5:104"
 
 [[rule]]
 name = "brain"
-preset = "3T"
+preset = "accurate"
 destinations = ["pacs", "return-to-sender"]
 [rule.match]
 calling_ae = "^MR"
@@ -64,7 +64,7 @@ def test_good_config_loads_with_resolved_paths(tmp_path):
     assert (pacs.ae_title, pacs.host, pacs.port) == ("PACS", "10.0.0.5", 104)
     assert cfg.known_aes["MR1"].port == 104
     (rule,) = cfg.rules
-    assert rule.name == "brain" and rule.preset == "3T" and rule.destinations == ("pacs", "return-to-sender")
+    assert rule.name == "brain" and rule.preset == "accurate" and rule.destinations == ("pacs", "return-to-sender")
     assert [c.keyword for c in rule.tags] == ["SeriesDescription", "MagneticFieldStrength"]
 
 

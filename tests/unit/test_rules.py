@@ -110,3 +110,16 @@ def test_rule_config_errors():
         rule(destinations="pacs")
     with pytest.raises(ConfigError, match="unknown destination 'x'"):
         validate_destination_names([rule(destinations=["x"])], ["pacs"])
+
+
+def test_unknown_preset_or_override_is_refused_with_the_known_names():
+    import pytest as _pytest
+
+    from qsmnode.errors import ConfigError
+    from qsmnode.node.rules import Rule
+
+    with _pytest.raises(ConfigError, match="unknown preset '7T'.*accurate"):
+        Rule.from_config({"name": "r", "preset": "7T"}, 0)
+    with _pytest.raises(ConfigError, match="unknown override.*swi_power"):
+        Rule.from_config({"name": "r", "overrides": {"swi_power": 3}}, 0)
+    assert Rule.from_config({"name": "r", "preset": "fast", "overrides": {"swi_mask_power": 3}}, 0).preset == "fast"
