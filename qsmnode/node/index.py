@@ -136,17 +136,24 @@ class Index:
         return dict(row) if row is not None else None
 
     # ------------------------------------------------------------------ instances
+    _INSERT_INSTANCE = ("INSERT OR IGNORE INTO instances (sop_instance_uid, series_instance_uid, study_instance_uid,"
+                        " path, calling_ae, sop_class_uid, received_at) VALUES (?,?,?,?,?,?,?)")
+
     def add_instance(self, sop_instance_uid: str, series_instance_uid: str, study_instance_uid: str,
                      path: str | os.PathLike, *, calling_ae: str = "", sop_class_uid: str = "",
                      received_at: float | None = None) -> bool:
         """Record one durable instance file; False when the SOP Instance UID is already indexed."""
         with self._lock:
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, series_instance_uid, study_instance_uid,"
-                " sop_class_uid, path, calling_ae, received_at) VALUES (?,?,?,?,?,?,?)",
-                (sop_instance_uid, series_instance_uid, study_instance_uid, sop_class_uid, str(path),
-                 calling_ae, time.time() if received_at is None else received_at))
+            cur = self._db.execute(self._INSERT_INSTANCE, (
+                sop_instance_uid, series_instance_uid, study_instance_uid, str(path), calling_ae, sop_class_uid,
+                time.time() if received_at is None else received_at))
             return cur.rowcount == 1
+
+    def add_instances(self, rows: list[tuple]) -> None:
+        """Record many instance files in one transaction; each row is (sop_instance_uid,
+        series_instance_uid, study_instance_uid, path, calling_ae, sop_class_uid, received_at)."""
+        with self.transaction() as db:
+            db.executemany(self._INSERT_INSTANCE, rows)
 
     def has_instance(self, sop_instance_uid: str) -> bool:
         return self._one("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)) is not None

@@ -1,17 +1,26 @@
-"""The DICOM receiver: C-ECHO and C-STORE SCP (pynetdicom event handlers).
+"""The DICOM receiver: C-ECHO and C-STORE SCP, one thread per association.
 
-Every instance is written durably to the spool (tmp file, fdatasync, link, fsync folder) and
-recorded in the index BEFORE the success status goes back, so an acknowledged instance survives
-a crash. The bytes are stored exactly as received (``evt.encoded_dataset()``); pixels are never
-decoded here. Refusals carry a specific status and an ErrorComment, get a log line and an audit
-``rejected`` line, and never stop the node:
+Every instance is written durably to the spool (file created with ``O_EXCL``, ``fdatasync``) BEFORE
+the success status goes back, so an acknowledged instance survives a crash. The bytes are stored
+exactly as received, behind a File Meta header; pixels are never decoded here. The index row is
+written right after the response by a batching thread (:class:`_IndexFeeder`); a crash in between
+is repaired at start-up by :meth:`qsmnode.node.spool.Spool.reconcile`, because the spool file is
+the record.
+
+The upper layer is :mod:`qsmnode.node.upper_layer` (pynetdicom negotiates the association; the
+per-instance path is plain ``struct`` work). Each association is a blocking socket read through
+a buffered reader in its own thread: ``recv``, ``fdatasync`` and ``send`` release the GIL, so
+associations overlap without a polling reactor.
+
+Refusals carry a specific status and an ErrorComment, get a log line and an audit ``rejected``
+line, and never stop the node:
 
 ========  ======================================================================
 0xA700    Out of Resources: free disk below ``min_free_disk_mb`` (or a write failed)
 0x0122    SOP Class not supported: not an MR image (only MR / Enhanced MR are taken)
 0xA900    Data Set does not match SOP Class: a required attribute is missing, or the
           pixel data is shorter than Rows x Columns x frames x bits says
-0xC000    Cannot understand: the data set cannot be parsed
+0xC000    Cannot understand: the data set cannot be parsed (truncated or garbled)
 ========  ======================================================================
 
 Associations from calling AE titles (or peer addresses) outside the configured allow-lists are
@@ -23,37 +32,38 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import queue
 import socket
+import socketserver
+import ssl
 import threading
 import time
 from typing import Callable
 
-from pydicom import Dataset
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    RLELossless,
-    UID,
-)
-from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+from qsmnode import __version__
+from qsmnode.dicom.uids import deterministic_uid
+from qsmnode.node import upper_layer as ul
+from qsmnode.node.instance_header import InstanceHeader, MalformedDataset, read_header
+
 log = logging.getLogger("qsmnode.receiver")
 
-JPEGLossless = UID("1.2.840.10008.1.2.4.57")
-
-#: Transfer syntaxes the receiver accepts (all lossless: phase must not be compressed lossily).
+#: Transfer syntaxes the receiver accepts, preferred first (all lossless: phase must not be
+#: compressed lossily).
 ACCEPTED_TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-    JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEG2000Lossless, RLELossless,
+    "1.2.840.10008.1.2.1",     # Explicit VR Little Endian
+    "1.2.840.10008.1.2",       # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",     # Explicit VR Big Endian (retired)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.5",     # RLE Lossless
 ]
-_NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
+_NATIVE = set(ACCEPTED_TRANSFER_SYNTAXES[:4])
 
 MR_STORAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
@@ -67,6 +77,16 @@ STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
+IMPLEMENTATION_CLASS_UID = deterministic_uid("qsmnode-implementation-class")
+IMPLEMENTATION_VERSION = f"QSMNODE_{__version__}"[:16]
+
+#: Abstract syntax -> transfer syntaxes the receiver negotiates. Every storage class is accepted
+#: so that a non-MR object gets a specific C-STORE refusal (0x0122) instead of a bare context
+#: rejection that senders report poorly.
+SUPPORTED_CONTEXTS = {str(Verification): ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"],
+                      **{str(cx.abstract_syntax): ACCEPTED_TRANSFER_SYNTAXES
+                         for cx in AllStoragePresentationContexts}}
+
 
 class Refusal(Exception):
     """An instance the receiver will not take: a DICOM status and a reason for the sender."""
@@ -77,95 +97,265 @@ class Refusal(Exception):
         self.reason = reason
 
 
-def check_instance(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> None:
-    """Raise :class:`Refusal` unless ``ds`` is a well-formed MR image (no pixel decoding)."""
+def check_instance(header: InstanceHeader, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> None:
+    """Raise :class:`Refusal` unless ``header`` describes a well-formed MR image (no pixel decoding)."""
     if sop_class_uid not in MR_STORAGE_CLASSES:
         raise Refusal(STATUS_SOP_CLASS_NOT_SUPPORTED,
-                      f"SOP class {sop_class_uid} is not an MR image; qsmnode takes MR Image Storage and "
+                      f"not an MR image (SOP class {sop_class_uid}); qsmnode takes MR Image Storage and "
                       "Enhanced MR Image Storage only: send the multi-echo GRE series")
-    try:
-        modality = ds.get("Modality", None)
-        uids = {k: ds.get(k, None) for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")}
-        rows, cols = ds.get("Rows", None), ds.get("Columns", None)
-        bits = ds.get("BitsAllocated", None)
-        spp = ds.get("SamplesPerPixel", 1) or 1
-        frames = ds.get("NumberOfFrames", 1) or 1
-        has_pixels = "PixelData" in ds
-        pixel_len = len(ds.PixelData) if has_pixels else 0
-    except Exception as err:  # noqa: BLE001 - any parse error is a corrupt data set
-        raise Refusal(STATUS_CANNOT_UNDERSTAND, f"the data set cannot be parsed ({type(err).__name__}: {err}); "
-                      "re-export the series from the scanner") from None
-    if modality not in (None, "MR"):
-        raise Refusal(STATUS_SOP_CLASS_NOT_SUPPORTED, f"Modality is {modality!r}, not 'MR'; qsmnode takes MR images only")
-    missing = [k for k, v in uids.items() if not v]
-    missing += [k for k, v in (("Rows", rows), ("Columns", cols), ("BitsAllocated", bits)) if not v]
-    if not has_pixels:
-        missing.append("PixelData")
+    if header.modality not in (None, "MR"):
+        raise Refusal(STATUS_SOP_CLASS_NOT_SUPPORTED,
+                      f"Modality is {header.modality!r}, not 'MR'; qsmnode takes MR images only")
+    required = {"SOPInstanceUID": header.sop_instance_uid, "SeriesInstanceUID": header.series_instance_uid,
+                "StudyInstanceUID": header.study_instance_uid, "Rows": header.rows, "Columns": header.columns,
+                "BitsAllocated": header.bits_allocated, "PixelData": header.pixel_data_length}
+    missing = [k for k, v in required.items() if not v]
     if missing:
-        raise Refusal(STATUS_DATASET_MISMATCH, f"required attribute(s) missing: {', '.join(missing)}; "
-                      "the instance is not a complete MR image")
-    if str(uids["SOPInstanceUID"]) != sop_instance_uid:
-        raise Refusal(STATUS_DATASET_MISMATCH, f"SOPInstanceUID in the data set ({uids['SOPInstanceUID']}) differs "
+        raise Refusal(STATUS_DATASET_MISMATCH, f"missing {', '.join(missing)}: the instance is not a complete "
+                      "MR image; re-export it from the scanner")
+    if header.sop_instance_uid != sop_instance_uid:
+        raise Refusal(STATUS_DATASET_MISMATCH, f"SOPInstanceUID in the data set ({header.sop_instance_uid}) differs "
                       f"from the C-STORE request's ({sop_instance_uid})")
     if transfer_syntax in _NATIVE:
         try:
-            needed = int(rows) * int(cols) * int(spp) * int(frames) * int(bits) // 8
-        except (TypeError, ValueError):
-            raise Refusal(STATUS_CANNOT_UNDERSTAND, "Rows/Columns/NumberOfFrames are not numbers") from None
-        if pixel_len < needed:
+            frames = int(header.number_of_frames or 1)
+        except ValueError:
+            raise Refusal(STATUS_CANNOT_UNDERSTAND,
+                          f"NumberOfFrames {header.number_of_frames!r} is not a number") from None
+        needed = header.rows * header.columns * (header.samples_per_pixel or 1) * frames * header.bits_allocated // 8
+        if header.pixel_data_length < needed:
             raise Refusal(STATUS_DATASET_MISMATCH,
-                          f"pixel data has {pixel_len} bytes but {rows} x {cols} x {frames} frame(s) x {bits} bits "
-                          f"needs {needed}: the file is truncated or corrupt; send it again")
+                          f"truncated pixel data: {header.pixel_data_length} bytes, but {header.rows} x "
+                          f"{header.columns} x {frames} frame(s) x {header.bits_allocated} bits needs {needed}; "
+                          "send the file again")
 
 
-def _status(code: int, comment: str | None = None) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    if comment:
-        ds.ErrorComment = comment[:1024]
-    return ds
+def _peer_allowed(host: str, networks: list) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
 
 
-class _PollingClock:
-    """Stands in for the ``time`` module inside ``pynetdicom.association``: the acceptor's reactor
-    polls its DIMSE queue with a hard-coded ``time.sleep(0.001)`` per loop, which caps one
-    association at well under 1,000 messages/s; this turns exactly that sleep into ``poll_s``."""
+class _IndexFeeder:
+    """Records stored instances in the index off the acknowledgement path, many per transaction,
+    then wakes the tracker. ``flush()`` waits until everything queued is in the index."""
 
-    def __init__(self, poll_s: float):
-        self.poll_s = poll_s
+    def __init__(self, index, on_stored: Callable[[], None]):
+        self.index = index
+        self.on_stored = on_stored
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="qsmnode-index-feeder", daemon=True)
+        self._thread.start()
 
-    def __getattr__(self, name):
-        return getattr(time, name)
+    def put(self, row: tuple) -> None:
+        self._queue.put(row)
 
-    def sleep(self, seconds: float) -> None:
-        time.sleep(self.poll_s if seconds == 0.001 else seconds)
+    def flush(self) -> None:
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait()
+
+    def stop(self) -> None:
+        self.flush()
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch = [item]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            rows = [b for b in batch if isinstance(b, tuple)]
+            if rows:
+                try:
+                    self.index.add_instances(rows)
+                except Exception:  # noqa: BLE001 - the files are durable; reconcile re-indexes them on restart
+                    log.exception("could not index %d received instance(s); a restart will re-index them", len(rows))
+                self.on_stored()
+            for b in batch:
+                if isinstance(b, threading.Event):
+                    b.set()
+            if any(b is None for b in batch):
+                return
 
 
-def tune_pynetdicom_polling(poll_s: float) -> None:
-    """Make pynetdicom's association reactors poll every ``poll_s`` seconds instead of 1 ms.
+class _Association:
+    """One association from accept to release/abort, run in its own thread."""
 
-    pynetdicom (3.x) runs two polling loops per association, each sleeping 1 ms when idle: the
-    DUL reactor (``dul._run_loop_delay``, set per association in :meth:`Receiver._on_accepted`)
-    and the association reactor (a literal ``time.sleep(0.001)``, changed here for the process).
-    Measured on 2 cores, 64x64 instances, storescu with TCP_NODELAY: 234/s at 1 ms, 498/s at
-    0.1 ms (durable on disk). The cost is CPU while associations are open (one wake-up per
-    ``poll_s`` per thread); idle associations are closed by the network timeout.
-    """
-    import pynetdicom.association as association
+    def __init__(self, receiver: "Receiver", sock: socket.socket, peer: str):
+        self.receiver = receiver
+        self.config = receiver.config
+        self.sock = sock
+        self.peer = peer
+        self.calling_ae = ""
+        self.peer_max_pdu = 0
+        self.contexts: dict[int, tuple[str, str]] = {}  # context id -> (abstract syntax, transfer syntax)
+        self.stats = {"stored": 0, "duplicate": 0, "rejected": 0}
+        self.series: set[str] = set()
+        self.studies: set[str] = set()
+        self.t0 = time.monotonic()
+        self.admitted = False
 
-    if poll_s >= 0.001:
-        association.time = time
-    else:
-        association.time = _PollingClock(poll_s)
+    # -------------------------------------------------------------- protocol
+    def run(self) -> None:
+        self.sock.settimeout(self.receiver.ACSE_TIMEOUT_S)
+        reader = self.sock.makefile("rb", buffering=256 * 1024)
+        try:
+            if not self._associate(reader):
+                return
+            self.sock.settimeout(self.receiver.NETWORK_TIMEOUT_S)
+            self._serve(reader)
+        except EOFError:
+            log.debug("association from %s (%s): peer closed the connection", self.calling_ae or "?", self.peer)
+        except ul.ProtocolError as err:
+            log.warning("association from %s (%s) aborted: %s", self.calling_ae or "?", self.peer, err)
+            self._send(ul.abort(0x02, err.reason))
+        except (socket.timeout, TimeoutError):
+            log.warning("association from %s (%s) aborted: nothing received for %.0f s",
+                        self.calling_ae or "?", self.peer, self.receiver.NETWORK_TIMEOUT_S)
+            self._send(ul.abort(0x02, 0x00))
+        except (OSError, ssl.SSLError) as err:
+            log.warning("association from %s (%s) lost: %s", self.calling_ae or "?", self.peer, err)
+        finally:
+            reader.close()
+            self._report()
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    def _associate(self, reader) -> bool:
+        pdu_type, body = ul.read_pdu(reader)
+        if pdu_type != ul.A_ASSOCIATE_RQ:
+            raise ul.ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+        rq = ul.decode_associate_rq(body)
+        self.calling_ae, self.peer_max_pdu = rq.calling_ae, rq.max_pdu
+        cfg = self.config
+        rejection = None
+        if rq.protocol_version & 0x0001 == 0:
+            rejection = ((1, 2, 2), f"protocol version {rq.protocol_version} is not supported")
+        elif rq.application_context != ul.APPLICATION_CONTEXT_NAME:
+            rejection = ((1, 1, 2), f"application context {rq.application_context} is not DICOM's")
+        elif cfg.allowed_calling_aets and rq.calling_ae not in cfg.allowed_calling_aets:
+            rejection = ((1, 1, 3), f"calling AE title {rq.calling_ae!r} is not in allowed_calling_aets; "
+                                    "add it to accept it")
+        elif not (admitted := self.receiver.admit()):
+            rejection = ((2, 3, 2), f"{self.receiver.MAX_ASSOCIATIONS} associations are open already; try again later")
+        if rejection:
+            self._send(ul.associate_rj(*rejection[0]))
+            self.receiver.rejected("association", rejection[1], calling_ae=rq.calling_ae, peer=self.peer)
+            return False
+        self.admitted = admitted
+        contexts, roles = ul.negotiate(rq, SUPPORTED_CONTEXTS)
+        self.contexts = {cx.context_id: (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                         for cx in contexts if cx.result == 0x00}
+        self._send(ul.associate_ac(rq, contexts, roles, max_pdu=cfg.max_pdu_size,
+                                   implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                                   implementation_version=IMPLEMENTATION_VERSION))
+        self.receiver.accepted()
+        log.debug("association accepted from %s at %s: %d of %d presentation context(s)",
+                  rq.calling_ae, self.peer, len(self.contexts), len(contexts))
+        return True
+
+    def _serve(self, reader) -> None:
+        try:
+            quickack = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) is not None
+        except (OSError, AttributeError):
+            quickack = False
+        command, command_parts, data_parts, context_id = None, [], [], None
+        while True:
+            if quickack:
+                # ACK at once: a sender with Nagle on (DCMTK's default) holds its data PDU until the command
+                # PDU is ACKed, and Linux would delay that ACK by up to 40 ms.
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            pdu_type, body = ul.read_pdu(reader)
+            if pdu_type == ul.P_DATA_TF:
+                for cx, control, fragment in ul.iter_pdvs(body):
+                    if cx not in self.contexts:
+                        raise ul.ProtocolError(f"PDV on presentation context {cx}, which was not accepted", 0x06)
+                    if context_id is not None and cx != context_id:
+                        raise ul.ProtocolError("a message changed presentation context mid-way", 0x06)
+                    context_id = cx
+                    if control & 0x01:
+                        command_parts.append(fragment)
+                        if control & 0x02:
+                            command = ul.decode_command(b"".join(command_parts))
+                            if not command.has_data_set:
+                                self._dispatch(command, cx, None)
+                                command, command_parts, context_id = None, [], None
+                    else:
+                        if command is None:
+                            raise ul.ProtocolError("data set fragment before its command", 0x06)
+                        data_parts.append(fragment)
+                        if control & 0x02:
+                            self._dispatch(command, cx, b"".join(data_parts))
+                            command, command_parts, data_parts, context_id = None, [], [], None
+            elif pdu_type == ul.A_RELEASE_RQ:
+                self._send(ul.release_rp())
+                return
+            elif pdu_type == ul.A_ABORT:
+                if command is not None:
+                    log.warning("association from %s (%s) aborted by the peer mid-instance; that instance was "
+                                "not acknowledged and is not kept", self.calling_ae, self.peer)
+                return
+            else:
+                raise ul.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} during the association")
+
+    def _dispatch(self, command: ul.Command, context_id: int, data: bytes | None) -> None:
+        if command.command_field == ul.C_STORE_RQ and data is not None:
+            status, comment = self.receiver.store(self, command, self.contexts[context_id][1], data)
+            reply = ul.response(ul.C_STORE_RSP, command, status, comment)
+        elif command.command_field == ul.C_ECHO_RQ:
+            reply = ul.response(ul.C_ECHO_RSP, command, STATUS_SUCCESS)
+        elif command.command_field == ul.C_CANCEL_RQ:
+            return
+        else:
+            raise ul.ProtocolError(f"DIMSE command 0x{command.command_field:04X} is not served by this node "
+                                   "(it takes C-ECHO and C-STORE)", 0x00)
+        self.sock.sendall(ul.p_data(context_id, reply, command=True, max_pdu=self.peer_max_pdu))
+
+    def _report(self) -> None:
+        if self.admitted:
+            self.receiver.release()
+        if not any(self.stats.values()):
+            return
+        seconds = time.monotonic() - self.t0
+        log.info("received from %s: %d stored, %d duplicate, %d refused in %.2f s (%d series)", self.calling_ae,
+                 self.stats["stored"], self.stats["duplicate"], self.stats["rejected"], seconds, len(self.series))
+        if self.receiver.audit:
+            self.receiver.audit.record(
+                "received", calling_ae=self.calling_ae, peer=self.peer, stored=self.stats["stored"],
+                duplicate=self.stats["duplicate"], refused=self.stats["rejected"], seconds=round(seconds, 3),
+                study_instance_uids=sorted(self.studies), series_instance_uids=sorted(self.series))
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
 
 
 class Receiver:
     """C-ECHO + C-STORE SCP of the node.
 
     ``config``: :class:`qsmnode.config.NodeConfig`; ``spool``/``index``: where instances go;
-    ``metrics``/``audit``: N2's NodeMetrics / AuditLog; ``on_stored()`` is called after each new
-    instance (the tracker's wake-up).
+    ``metrics``/``audit``: NodeMetrics / AuditLog; ``on_stored()`` is called after new instances are
+    indexed (the tracker's wake-up).
     """
+
+    #: Seconds to wait for a TLS handshake or the A-ASSOCIATE-RQ, and for the next PDU of an open
+    #: association, before aborting it; associations served at once.
+    ACSE_TIMEOUT_S = 30.0
+    NETWORK_TIMEOUT_S = 60.0
+    MAX_ASSOCIATIONS = 32
 
     def __init__(self, config, spool, index, metrics=None, audit=None, on_stored: Callable[[], None] | None = None):
         self.config = config
@@ -174,43 +364,34 @@ class Receiver:
         self.metrics = metrics
         self.audit = audit
         self.on_stored = on_stored or (lambda: None)
-        self._server = None
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._feeder: _IndexFeeder | None = None
         self._networks = [ipaddress.ip_network(h, strict=False) for h in config.allowed_hosts]
-        self._stats_lock = threading.Lock()
+        self._ssl = config.tls.server_context() if config.tls else None
+        self._open = 0
+        self._open_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         cfg = self.config
-        ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_pdu_size = cfg.max_pdu_size
-        ae.maximum_associations = 32
-        ae.network_timeout = 60
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        ae.require_calling_aet = list(cfg.allowed_calling_aets)
-        ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
-        handlers = [
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_RELEASED, self._on_closed),
-            (evt.EVT_ABORTED, self._on_closed),
-            (evt.EVT_PDU_RECV, self._on_pdu),
-            (evt.EVT_PDU_SENT, self._on_pdu),
-        ]
-        ssl_context = cfg.tls.server_context() if cfg.tls else None
-        tune_pynetdicom_polling(cfg.receiver_poll_ms / 1000.0)
-        self._ae = ae
-        self._server = ae.start_server((cfg.bind, cfg.port), block=False, evt_handlers=handlers,
-                                       ssl_context=ssl_context)
-        # socketserver hook, called for each accepted connection: TCP_NODELAY (pynetdicom writes a PDU in
-        # pieces; with Nagle + delayed ACK each response would wait ~40 ms) and the peer allow-list
-        self._server.verify_request = self._verify_peer
+        self._feeder = _IndexFeeder(self.index, self.on_stored)
+        receiver = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                receiver._handle(self.request, self.client_address)
+
+        self._server = _Server((cfg.bind, cfg.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="qsmnode-receiver", daemon=True)
+        self._thread.start()
         log.info("receiver listening: AE %s on %s:%d%s", cfg.ae_title, cfg.bind, self.port,
-                 " (TLS)" if ssl_context else "")
+                 " (TLS)" if self._ssl else "")
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
 
     @property
     def port(self) -> int:
@@ -221,97 +402,69 @@ class Receiver:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+            self._feeder.stop()
             log.info("receiver stopped")
 
-    # ------------------------------------------------------------------ handlers
-    def _verify_peer(self, request, client_address) -> bool:
+    def flush(self) -> None:
+        """Wait until every instance acknowledged so far is in the index."""
+        if self._feeder is not None:
+            self._feeder.flush()
+
+    # ------------------------------------------------------------------ associations
+    def _handle(self, sock: socket.socket, address) -> None:
+        host = address[0] if isinstance(address, tuple) else str(address)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._networks and not _peer_allowed(host, self._networks):
+            self.rejected("connection", f"peer {host} is not in allowed_hosts", peer=host)
+            return
+        if self._ssl is not None:
+            try:
+                sock.settimeout(self.ACSE_TIMEOUT_S)
+                sock = self._ssl.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError) as err:
+                log.warning("TLS handshake with %s failed: %s; the sender needs a certificate from the node's CA "
+                            "(see [tls])", host, getattr(err, "reason", None) or err)
+                if self.metrics:
+                    self.metrics.associations.labels(outcome="rejected").inc()
+                return
         try:
-            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        if not self._networks:
+            _Association(self, sock, host).run()
+        finally:
+            if isinstance(sock, ssl.SSLSocket):
+                sock.close()
+
+    def admit(self) -> bool:
+        with self._open_lock:
+            if self._open >= self.MAX_ASSOCIATIONS:
+                return False
+            self._open += 1
             return True
-        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
-        try:
-            ip = ipaddress.ip_address(host)
-            ok = any(ip in net for net in self._networks)
-        except ValueError:
-            ok = False
-        if not ok:
-            log.warning("connection refused: peer %s is not in allowed_hosts", host)
-            if self.metrics:
-                self.metrics.associations.labels(outcome="rejected").inc()
-            if self.audit:
-                self.audit.record("rejected", what="connection", peer=host,
-                                  reason="peer address not in allowed_hosts")
-        return ok
 
-    @staticmethod
-    def _on_pdu(event) -> None:
-        # Acknowledge at once: a sender without TCP_NODELAY (DCMTK's default) holds the data PDU until
-        # its command PDU is ACKed, and Linux would delay that ACK by up to 40 ms.
-        try:
-            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except (AttributeError, OSError):
-            pass
+    def release(self) -> None:
+        with self._open_lock:
+            self._open = max(0, self._open - 1)
 
-    def _on_echo(self, event) -> int:
-        return STATUS_SUCCESS
-
-    def _on_accepted(self, event) -> None:
-        rq = event.assoc.requestor
-        event.assoc.dul._run_loop_delay = min(0.001, self.config.receiver_poll_ms / 1000.0)
-        event.assoc.qsm_stats = {"stored": 0, "duplicate": 0, "rejected": 0, "series": set(), "studies": set(),
-                                 "t0": time.monotonic()}
+    def accepted(self) -> None:
         if self.metrics:
             self.metrics.associations.labels(outcome="accepted").inc()
-        log.debug("association accepted from %s at %s:%s", rq.ae_title, rq.address, rq.port)
 
-    def _on_rejected(self, event) -> None:
-        rq = event.assoc.requestor
-        reason = (f"calling AE title {rq.ae_title!r} is not in allowed_calling_aets"
-                  if self.config.allowed_calling_aets and rq.ae_title not in self.config.allowed_calling_aets
-                  else "association rejected")
-        log.warning("association rejected from %s (%s): %s; add it to allowed_calling_aets to accept it",
-                    rq.ae_title, rq.address, reason)
+    def rejected(self, what: str, reason: str, **fields) -> None:
+        """Log, count and audit a refused connection, association or instance."""
+        who = fields.get("calling_ae") or fields.get("peer") or "?"
+        log.warning("%s refused from %s: %s", what, who, reason)
         if self.metrics:
-            self.metrics.associations.labels(outcome="rejected").inc()
+            if what == "instance":
+                self.metrics.instances_received.labels(outcome="rejected").inc()
+            else:
+                self.metrics.associations.labels(outcome="rejected").inc()
         if self.audit:
-            self.audit.record("rejected", what="association", calling_ae=rq.ae_title, peer=rq.address, reason=reason)
+            self.audit.record("rejected", what=what, reason=reason, **fields)
 
-    def _on_closed(self, event) -> None:
-        stats = getattr(event.assoc, "qsm_stats", None)
-        if not stats or not (stats["stored"] or stats["duplicate"] or stats["rejected"]):
-            return
-        rq = event.assoc.requestor
-        seconds = time.monotonic() - stats["t0"]
-        log.info("received from %s: %d stored, %d duplicate, %d refused in %.2f s (%d series)",
-                 rq.ae_title, stats["stored"], stats["duplicate"], stats["rejected"], seconds, len(stats["series"]))
-        if self.audit:
-            self.audit.record("received", calling_ae=rq.ae_title, peer=rq.address, stored=stats["stored"],
-                              duplicate=stats["duplicate"], refused=stats["rejected"], seconds=round(seconds, 3),
-                              study_instance_uids=sorted(stats["studies"]),
-                              series_instance_uids=sorted(stats["series"]))
-
-    def _refuse(self, event, refusal: Refusal, stats: dict | None):
-        rq = event.assoc.requestor
-        sop = event.request.AffectedSOPInstanceUID
-        log.warning("C-STORE refused from %s, SOP instance %s: status 0x%04X: %s",
-                    rq.ae_title, sop, refusal.status, refusal.reason)
-        if stats is not None:
-            stats["rejected"] += 1
-        if self.metrics:
-            self.metrics.instances_received.labels(outcome="rejected").inc()
-        if self.audit:
-            self.audit.record("rejected", what="instance", calling_ae=rq.ae_title, sop_instance_uid=sop,
-                              status=f"0x{refusal.status:04X}", reason=refusal.reason)
-        return _status(refusal.status, refusal.reason)
-
-    def _on_store(self, event):
+    # ------------------------------------------------------------------ instances
+    def store(self, assoc: _Association, command: ul.Command, transfer_syntax: str, data: bytes) -> tuple[int, str | None]:
+        """Check and durably store one C-STORE data set; returns (status, error comment)."""
         t0 = time.perf_counter()
-        stats = getattr(event.assoc, "qsm_stats", None)
-        req = event.request
-        sop_class, sop_uid = str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID)
+        sop_class, sop_uid = command.sop_class_uid, command.sop_instance_uid
         try:
             free = self.spool.free_mb()
             if free < self.config.min_free_disk_mb:
@@ -319,37 +472,32 @@ class Receiver:
                               f"free disk {free:.0f} MiB is below the node's watermark of "
                               f"{self.config.min_free_disk_mb:.0f} MiB; send again later")
             if sop_class not in MR_STORAGE_CLASSES:
-                check_instance(Dataset(), sop_class, sop_uid, "")
+                check_instance(InstanceHeader(), sop_class, sop_uid, transfer_syntax)
             try:
-                ds = event.dataset
-            except Exception as err:  # noqa: BLE001 - undecodable stream
-                raise Refusal(STATUS_CANNOT_UNDERSTAND, f"the data set cannot be parsed ({type(err).__name__}: "
-                              f"{err}); re-export the series") from None
-            check_instance(ds, sop_class, sop_uid, str(event.context.transfer_syntax))
-            series_uid, study_uid = str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID)
-            data = event.encoded_dataset(include_meta=True)
+                header = read_header(data, transfer_syntax)
+            except MalformedDataset as err:
+                raise Refusal(STATUS_CANNOT_UNDERSTAND, f"corrupt data set: {err}; re-export the series") from None
+            check_instance(header, sop_class, sop_uid, transfer_syntax)
+            meta = ul.file_meta(sop_class, sop_uid, transfer_syntax, implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                                implementation_version=IMPLEMENTATION_VERSION, source_ae=assoc.calling_ae)
             try:
-                path, stored = self.spool.store(series_uid, sop_uid, data)
-            except FileNotFoundError:  # the series folder was removed by retention meanwhile: once more
-                self.spool.forget_dir(series_uid)
-                path, stored = self.spool.store(series_uid, sop_uid, data)
+                path, stored = self.spool.store(header.series_instance_uid, sop_uid, meta, data)
             except OSError as err:
-                raise Refusal(STATUS_OUT_OF_RESOURCES, f"the node could not store the instance ({err.strerror}); "
+                raise Refusal(STATUS_OUT_OF_RESOURCES, f"node could not store the instance ({err.strerror}); "
                               "send again later") from None
         except Refusal as refusal:
-            return self._refuse(event, refusal, stats)
-        calling = event.assoc.requestor.ae_title
-        if stored:
-            stored = self.index.add_instance(sop_uid, series_uid, study_uid, path, calling_ae=calling,
-                                             sop_class_uid=sop_class)
+            assoc.stats["rejected"] += 1
+            self.rejected("instance", f"status 0x{refusal.status:04X}: {refusal.reason}", calling_ae=assoc.calling_ae,
+                          sop_instance_uid=sop_uid, status=f"0x{refusal.status:04X}")
+            return refusal.status, refusal.reason
         outcome = "stored" if stored else "duplicate"
-        if stats is not None:
-            stats[outcome] += 1
-            stats["series"].add(series_uid)
-            stats["studies"].add(study_uid)
+        assoc.stats[outcome] += 1
+        assoc.series.add(header.series_instance_uid)
+        assoc.studies.add(header.study_instance_uid)
+        if stored:
+            self._feeder.put((sop_uid, header.series_instance_uid, header.study_instance_uid, str(path),
+                              assoc.calling_ae, sop_class, time.time()))
         if self.metrics:
             self.metrics.instances_received.labels(outcome=outcome).inc()
             self.metrics.stage_seconds.labels(stage="receive").observe(time.perf_counter() - t0)
-        if stored:
-            self.on_stored()
-        return STATUS_SUCCESS
+        return STATUS_SUCCESS, None

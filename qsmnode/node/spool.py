@@ -48,7 +48,7 @@ def write_durably(path: str | os.PathLike, data: bytes | memoryview) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
-        _write_all(fd, data)
+        _write_all(fd, (data,))
         os.fdatasync(fd)
     finally:
         os.close(fd)
@@ -56,11 +56,16 @@ def write_durably(path: str | os.PathLike, data: bytes | memoryview) -> None:
     fsync_dir(path.parent)
 
 
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _write_all(fd: int, parts) -> None:
+    """Write every buffer of ``parts`` in order (one ``writev`` unless the kernel writes short)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
 
 
 def free_mb(path: str | os.PathLike) -> float:
@@ -103,9 +108,10 @@ class Spool:
     def exists(self, series_uid: str, sop_uid: str) -> bool:
         return self.path_for(series_uid, sop_uid).exists()
 
-    def store(self, series_uid: str, sop_uid: str, data: bytes | memoryview) -> tuple[Path, bool]:
-        """Durably store one instance's bytes. Returns (path, stored): stored is False for a duplicate
-        (the file already existed; the first copy is kept). Durable when this returns.
+    def store(self, series_uid: str, sop_uid: str, *parts: bytes | memoryview) -> tuple[Path, bool]:
+        """Durably store one instance file made of ``parts`` (e.g. File Meta + data set as received).
+        Returns (path, stored): stored is False for a duplicate (the file already existed; the first
+        copy is kept). Durable when this returns.
 
         The file is created under its final name with ``O_EXCL`` (so two senders of one SOP Instance
         UID store it once) and ``fdatasync``ed: one journal commit. On journaling file systems
@@ -114,6 +120,13 @@ class Spool:
         for other file systems (it doubles the cost). A crash mid-write leaves a partial file that
         was never acknowledged: :meth:`reconcile` validates unindexed files and drops broken ones.
         """
+        try:
+            return self._store(series_uid, sop_uid, parts)
+        except FileNotFoundError:  # retention removed the series folder meanwhile: create it again
+            self.forget_dir(series_uid)
+            return self._store(series_uid, sop_uid, parts)
+
+    def _store(self, series_uid: str, sop_uid: str, parts) -> tuple[Path, bool]:
         d = self._series_dir(series_uid)
         final = d / f"{safe_name(sop_uid)}.dcm"
         try:
@@ -121,7 +134,7 @@ class Spool:
         except FileExistsError:
             return final, False
         try:
-            _write_all(fd, data)
+            _write_all(fd, parts)
             os.fdatasync(fd)
         except BaseException:
             os.close(fd)
@@ -169,10 +182,11 @@ class Spool:
                 continue
             try:
                 ds = pydicom.dcmread(f)  # whole file: a write cut short by a crash fails here
+                from qsmnode.node.instance_header import header_from_dataset
                 from qsmnode.node.scp import check_instance
 
-                check_instance(ds, str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")),
-                               str(ds.file_meta.TransferSyntaxUID))
+                check_instance(header_from_dataset(ds), str(ds.get("SOPClassUID", "")),
+                               str(ds.get("SOPInstanceUID", "")), str(ds.file_meta.TransferSyntaxUID))
                 added += index.add_instance(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
                                             str(ds.StudyInstanceUID), f, calling_ae=calling_ae,
                                             sop_class_uid=str(ds.get("SOPClassUID", "")),
