@@ -37,6 +37,13 @@ Example (every option, with its default)::
     keep_hours = 24                  # delete received + output files this long after dispatch
     pressure_free_disk_mb = 4096     # below this, delete dispatched jobs' files at once, oldest first
 
+    [dispatch]                       # delivery to destinations (see qsmnode.node.dispatch.DispatchSettings)
+    base_delay_s = 2.0               # first retry after ~this long; doubles per failed try (with jitter) ...
+    max_delay_s = 300.0              # ... up to this
+    max_refusals = 5                 # an instance the destination refuses this often is given up
+    batch_size = 500                 # files per association / STOW-RS run
+    associations = 4                 # concurrent associations per destination for a large batch (1-32)
+
     [known_aes]                      # where "return-to-sender" sends, by calling AE title
     MR_SCANNER1 = "10.0.0.21:104"
 
@@ -60,14 +67,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from qsmnode.errors import ConfigError
+from qsmnode.node.dispatch import DispatchSettings
 from qsmnode.node.rules import Rule, default_rule, validate_destination_names
 
-_SECTIONS = {"node", "http", "tls", "retention", "known_aes", "destination", "rule"}
+_SECTIONS = {"node", "http", "tls", "retention", "dispatch", "known_aes", "destination", "rule"}
 
 # key -> (type, default); float accepts int
 _NODE_KEYS: dict[str, tuple[type, Any]] = {
@@ -93,6 +101,7 @@ _HTTP_KEYS = {"bind": (str, "127.0.0.1"), "port": (int, 8080)}
 _TLS_KEYS = {"certificate": (str, None), "private_key": (str, None), "ca_certificates": (str, ""),
              "require_client_certificate": (bool, False)}
 _RETENTION_KEYS = {"keep_hours": (float, 24.0), "pressure_free_disk_mb": (float, 4096.0)}
+_DISPATCH_KEYS = {f.name: (type(f.default), f.default) for f in fields(DispatchSettings)}
 DEVICES = ("auto", "cpu", "gpu")
 
 
@@ -149,6 +158,7 @@ class NodeConfig:
     tls: TlsConfig | None = None
     retention_hours: float = 24.0
     pressure_free_disk_mb: float = 4096.0
+    dispatch: DispatchSettings = DispatchSettings()
     known_aes: dict = field(default_factory=dict, hash=False)      # AE title -> Destination
     destinations: dict = field(default_factory=dict, hash=False)   # name -> Destination
     rules: tuple[Rule, ...] = ()
@@ -235,6 +245,10 @@ def config_from_dict(raw: dict, base_dir: Path | None = None, source: Path | Non
     node = _section(raw, "node", _NODE_KEYS, where)
     http = _section(raw, "http", _HTTP_KEYS, where)
     retention = _section(raw, "retention", _RETENTION_KEYS, where)
+    try:
+        dispatch = DispatchSettings(**_section(raw, "dispatch", _DISPATCH_KEYS, where))
+    except ConfigError as err:
+        raise ConfigError(f"{where}[dispatch] {err.reason}", err.hint) from None
     tls = None
     if "tls" in raw:
         t = _section(raw, "tls", _TLS_KEYS, where)
@@ -305,6 +319,7 @@ def config_from_dict(raw: dict, base_dir: Path | None = None, source: Path | Non
         tls=tls,
         retention_hours=retention["keep_hours"],
         pressure_free_disk_mb=retention["pressure_free_disk_mb"],
+        dispatch=dispatch,
         known_aes=known_aes,
         destinations=destinations,
         rules=rules,

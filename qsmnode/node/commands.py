@@ -55,7 +55,7 @@ def cmd_jobs(args) -> int:
 
     index = open_index(_storage(args))
     try:
-        rows = list_jobs(index, args.state, args.limit)
+        rows = list_jobs(index, args.state, args.limit, delivery=args.delivery)
     finally:
         index.close()
     if args.json:
@@ -71,8 +71,14 @@ def cmd_retry(args) -> int:
     index = open_index(_storage(args))
     try:
         for job_id in args.job:
-            job = retry(index, job_id)
-            print(f"{job_id}: {job['state']} (a running node picks it up within a second)")
+            job = retry(index, job_id, reprocess=args.reprocess)
+            if job["retried"] == "delivery":
+                print(f"{job_id}: {job['requeued_files']} undelivered file(s) queued for delivery again "
+                      "(a running node sends them within seconds)")
+            else:
+                why = f" ({job['note']})" if job.get("note") else ""
+                print(f"{job_id}: {job['state']} for reconstruction again{why} "
+                      "(a running node picks it up within a second)")
     finally:
         index.close()
     return 0
@@ -89,6 +95,9 @@ def cmd_check_config(args) -> int:
     print(f"  TLS: {'on' if cfg.tls else 'off'}; calling AEs: {', '.join(cfg.allowed_calling_aets) or 'any'}; "
           f"hosts: {', '.join(cfg.allowed_hosts) or 'any'}")
     print(f"  HTTP: {'off' if cfg.http_port < 0 else f'{cfg.http_bind}:{cfg.http_port}'}")
+    d = cfg.dispatch
+    print(f"  dispatch: back-off {d.base_delay_s:g} s .. {d.max_delay_s:g} s, refused instances given up after "
+          f"{d.max_refusals} tries, {d.batch_size} files per batch, up to {d.associations} association(s)")
     for d in cfg.destinations.values():
         print(f"  destination {d.name}: {d.describe() if hasattr(d, 'describe') else d}")
     for r in cfg.effective_rules:
@@ -273,21 +282,32 @@ def register(subparsers, formatter_class) -> None:
 
     p = subparsers.add_parser(
         "jobs", formatter_class=formatter_class, help="list the node's jobs",
-        description="List jobs of a node (running or not), newest first, with the reason of failed ones.",
+        description="List jobs of a node (running or not), newest first, with the reason of failed ones and "
+                    "each job's delivery: per destination, its files sent, pending and failed; for a delivery "
+                    "that failed, why.",
         epilog="examples:\n  qsmnode jobs --storage /var/lib/qsmnode --state failed\n"
+               "  qsmnode jobs --storage /var/lib/qsmnode --delivery failed\n"
                "  qsmnode jobs --config /etc/qsmnode/qsmnode.toml --json")
     p.add_argument("--config", help="the node's configuration file (for its storage folder)")
     p.add_argument("--storage", help="the node's storage folder")
     p.add_argument("--state", choices=["queued", "running", "done", "failed"], help="only jobs in this state")
+    p.add_argument("--delivery", choices=["delivered", "delivering", "failed"],
+                   help="only jobs whose delivery is in this state")
     p.add_argument("--limit", type=int, default=100, help="at most this many jobs")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_jobs)
 
     p = subparsers.add_parser(
-        "retry", formatter_class=formatter_class, help="queue failed jobs again",
-        description="Put failed (or done) jobs back in the queue; a running node takes them up.",
-        epilog="example:\n  qsmnode retry --storage /var/lib/qsmnode job-12-1")
+        "retry", formatter_class=formatter_class, help="queue failed jobs or failed deliveries again",
+        description="A failed job goes back in the queue and is reconstructed again. A done job whose delivery "
+                    "failed (or waits for its next try) has its undelivered files queued for delivery now, "
+                    "without reconstructing (unless --reprocess, or the files are gone). A running node takes "
+                    "either up within seconds.",
+        epilog="examples:\n  qsmnode retry --storage /var/lib/qsmnode job-12-1\n"
+               "  qsmnode retry --storage /var/lib/qsmnode --reprocess job-12-1")
     p.add_argument("job", nargs="+", help="job id(s) as shown by `qsmnode jobs`")
+    p.add_argument("--reprocess", action="store_true",
+                   help="reconstruct a done job again even when only its delivery failed")
     p.add_argument("--config", help="the node's configuration file")
     p.add_argument("--storage", help="the node's storage folder")
     p.set_defaults(func=cmd_retry)

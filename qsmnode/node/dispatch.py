@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from qsmnode.errors import ConfigError
+from qsmnode.errors import ConfigError, QsmNodeError
 
 log = logging.getLogger(__name__)
 
@@ -257,39 +257,196 @@ def _status_text(status: int) -> str:
     return f"C-STORE status 0x{status:04X} ({what})"
 
 
+@dataclass(frozen=True)
+class DispatchSettings:
+    """Back-off and concurrency of the dispatcher: the ``[dispatch]`` table of the configuration.
+
+    ``base_delay_s``/``max_delay_s``: the back-off (s) starts at about ``base_delay_s`` and doubles
+    per failed try up to ``max_delay_s`` (see :func:`backoff_delay_s`). ``max_refusals``: tries of
+    an instance that the destination refuses with a failure status before it is given up.
+    ``batch_size``: files per association (DIMSE) or per run of STOW-RS requests.
+    ``associations``: concurrent associations per destination for a large batch (a PACS that
+    leaves Nagle on answers ~20 C-STOREs/s per association; four in parallel quadruple that).
+    Invalid values raise :class:`ConfigError` naming the key.
+    """
+
+    base_delay_s: float = 2.0
+    max_delay_s: float = 300.0
+    max_refusals: int = 5
+    batch_size: int = 500
+    associations: int = 4
+
+    #: upper bound of ``associations`` (PACS limit concurrent associations per calling AE)
+    MAX_ASSOCIATIONS = 32
+
+    def __post_init__(self) -> None:
+        if not self.base_delay_s > 0:
+            raise ConfigError(f"base_delay_s must be > 0 seconds, not {self.base_delay_s:g}")
+        if not self.max_delay_s >= self.base_delay_s:
+            raise ConfigError(f"max_delay_s ({self.max_delay_s:g}) is below base_delay_s ({self.base_delay_s:g})",
+                              "the cap of the back-off must be >= its first delay")
+        if self.max_refusals < 1:
+            raise ConfigError(f"max_refusals must be >= 1, not {self.max_refusals}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, not {self.batch_size}")
+        if not 1 <= self.associations <= self.MAX_ASSOCIATIONS:
+            raise ConfigError(f"associations must be between 1 and {self.MAX_ASSOCIATIONS}, "
+                              f"not {self.associations}")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where one job's outputs stand at one destination (see :func:`read_deliveries`).
+
+    ``failure``: why the first given-up file failed (``None`` when none did); ``last_error``: the
+    error of the latest failed try of a file still pending; ``next_attempt_at``: unix time (s) of
+    the next try of a pending file.
+    """
+
+    destination: str
+    sent: int
+    pending: int
+    failed: int
+    failure: str | None = None
+    last_error: str | None = None
+    next_attempt_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        """``"pending"`` (something still to try), ``"failed"`` (some file given up) or ``"sent"``."""
+        return "pending" if self.pending else "failed" if self.failed else "sent"
+
+
+def delivery_state(deliveries: Iterable[Delivery]) -> str:
+    """A job's dispatch over all its destinations: ``"unknown"`` (nothing enqueued), ``"pending"``,
+    ``"failed"`` (nothing left to try and some file was given up) or ``"sent"``."""
+    states = {d.state for d in deliveries}
+    if not states:
+        return "unknown"
+    return "pending" if "pending" in states else "failed" if "failed" in states else "sent"
+
+
+_DELIVERY_SQL = """
+SELECT job_id, destination, coalesce(sum(state='sent'), 0), coalesce(sum(state='pending'), 0),
+       coalesce(sum(state='failed'), 0),
+       (SELECT last_error FROM outbox f WHERE f.job_id=o.job_id AND f.destination=o.destination
+          AND f.state='failed' ORDER BY f.path LIMIT 1),
+       (SELECT last_error FROM outbox p WHERE p.job_id=o.job_id AND p.destination=o.destination
+          AND p.state='pending' AND p.last_error IS NOT NULL ORDER BY p.next_attempt_at DESC LIMIT 1),
+       min(CASE WHEN state='pending' THEN next_attempt_at END)
+FROM outbox o {where} GROUP BY job_id, destination ORDER BY job_id, destination
+"""
+
+
+def _deliveries(conn: sqlite3.Connection, job_ids: list[str] | None) -> dict[str, list[Delivery]]:
+    """job id -> its :class:`Delivery` per destination, read on ``conn`` (``None``: every job)."""
+    out: dict[str, list[Delivery]] = {}
+    chunks = [None] if job_ids is None else [job_ids[k:k + 500] for k in range(0, len(job_ids), 500)]
+    for chunk in chunks:
+        where = "" if chunk is None else f"WHERE job_id IN ({','.join('?' * len(chunk))})"
+        for job_id, *row in conn.execute(_DELIVERY_SQL.format(where=where), chunk or ()):
+            out.setdefault(job_id, []).append(Delivery(*row))
+    return out
+
+
+def _has_outbox(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='outbox'").fetchone() is not None
+
+
+def read_deliveries(db_path: str | os.PathLike, job_ids: Iterable[str] | None = None
+                    ) -> dict[str, list[Delivery]]:
+    """Delivery of ``job_ids`` (``None``: every job) per destination, from the index file, read-only.
+
+    For ``qsmnode jobs``: it opens its own read-only connection (WAL: safe beside a running node)
+    and needs no :class:`Dispatcher`. Jobs with nothing in the outbox are absent.
+    """
+    uri = Path(db_path).resolve().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=30.0)
+    try:
+        if not _has_outbox(conn):
+            return {}
+        return _deliveries(conn, None if job_ids is None else list(job_ids))
+    finally:
+        conn.close()
+
+
+class OutputsMissing(QsmNodeError):
+    """Files that wait for delivery are gone from the node's storage: the job must be run again."""
+
+
+def requeue_deliveries(db_path: str | os.PathLike, job_id: str) -> int:
+    """Deliver ``job_id``'s undelivered files again, now: given-up files become pending with their
+    counts reset, pending ones are due at once. Returns the number of files queued.
+
+    Works on the index file (a running node's dispatcher picks the files up within seconds, a
+    stopped one on start). Raises :class:`OutputsMissing` (and changes nothing) when one of the
+    files is no longer on disk.
+    """
+    conn = sqlite3.connect(str(db_path), timeout=30.0, isolation_level=None)
+    try:
+        if not _has_outbox(conn):
+            return 0
+        with _Tx(conn) as db:
+            paths = [p for (p,) in db.execute(
+                "SELECT path FROM outbox WHERE job_id=? AND state IN ('failed','pending')", (job_id,))]
+            missing = [p for p in paths if not Path(p).is_file()]
+            if missing:
+                raise OutputsMissing(f"job {job_id}: {len(missing)} of its undelivered files are gone, "
+                                     f"e.g. {missing[0]}")
+            _requeue(db, job_id, time.time())
+        return len(paths)
+    finally:
+        conn.close()
+
+
+def _requeue(db: sqlite3.Connection, job_id: str, now: float, destination: str | None = None) -> None:
+    """In a transaction: ``job_id``'s failed files (at ``destination``, or all) pending again with
+    fresh counts; with no ``destination``, its pending files due at ``now`` too."""
+    dest_clause, args = ("AND destination=?", (destination,)) if destination else ("", ())
+    db.execute("UPDATE outbox SET state='pending', attempts=0, refusals=0, next_attempt_at=?, "
+               f"last_error=NULL WHERE job_id=? {dest_clause} AND state='failed'", (now, job_id, *args))
+    if destination is None:
+        db.execute("UPDATE outbox SET next_attempt_at=? WHERE job_id=? AND state='pending' "
+                   "AND next_attempt_at>?", (now, job_id, now))
+
+
 class Dispatcher:
     """Persistent outbox and the threads that empty it (see the module docstring).
 
     ``db_path``: the node's SQLite index file (the table ``outbox`` is created in it, WAL mode).
     ``local_ae_title``: our calling AE title. ``metrics``: a :class:`~qsmnode.node.metrics.NodeMetrics`
     (or ``None``). ``audit``: an :class:`~qsmnode.node.audit.AuditLog` (or ``None``).
-    ``base_delay_s``/``max_delay_s``: back-off (s). ``max_refusals``: tries of an instance that
-    the destination refuses before its job's dispatch is failed. ``batch_size``: files per
-    association/request. ``associations``: concurrent associations per destination for a large
-    batch (a PACS that leaves Nagle on answers ~20 C-STOREs/s per association; four in
-    parallel quadruple that). ``on_job_done(job_id, state, reason)`` is called (from a worker thread)
-    when a job's dispatch ends, ``state`` ``"sent"`` or ``"failed"``.
+    ``base_delay_s``, ``max_delay_s``, ``max_refusals``, ``batch_size``, ``associations``: see
+    :class:`DispatchSettings` (the defaults are its defaults; invalid values raise ConfigError).
+    ``on_job_done(job_id, state, reason)`` is called (from a worker thread) when a job's dispatch
+    ends, ``state`` ``"sent"`` or ``"failed"``. Files that another process puts back in the outbox
+    (``qsmnode retry``, :func:`requeue_deliveries`) are picked up within ``poll_s`` seconds.
     """
 
+    #: how often (s) a running dispatcher looks for destinations with pending files but no worker
+    poll_s = 2.0
+
     def __init__(self, db_path: str | os.PathLike, local_ae_title: str, metrics=None, audit=None, *,
-                 base_delay_s: float = 2.0, max_delay_s: float = 300.0, max_refusals: int = 5,
-                 batch_size: int = 500, associations: int = 4,
+                 base_delay_s: float = DispatchSettings.base_delay_s,
+                 max_delay_s: float = DispatchSettings.max_delay_s,
+                 max_refusals: int = DispatchSettings.max_refusals,
+                 batch_size: int = DispatchSettings.batch_size,
+                 associations: int = DispatchSettings.associations,
                  on_job_done: Callable[[str, str, str | None], None] | None = None) -> None:
         if not local_ae_title or len(local_ae_title) > 16:
             raise ConfigError(f"local AE title {local_ae_title!r} is not valid",
                               "an AE title has 1 to 16 characters")
-        if base_delay_s <= 0 or max_delay_s < base_delay_s:
-            raise ConfigError(f"back-off {base_delay_s} s .. {max_delay_s} s is not valid",
-                              "need 0 < base_delay_s <= max_delay_s")
+        settings = DispatchSettings(float(base_delay_s), float(max_delay_s), int(max_refusals),
+                                    int(batch_size), int(associations))
         self.db_path = Path(db_path)
         self.local_ae_title = local_ae_title
         self.metrics = metrics
         self.audit = audit
-        self.base_delay_s = float(base_delay_s)
-        self.max_delay_s = float(max_delay_s)
-        self.max_refusals = int(max_refusals)
-        self.batch_size = int(batch_size)
-        self.associations = max(1, int(associations))
+        self.base_delay_s = settings.base_delay_s
+        self.max_delay_s = settings.max_delay_s
+        self.max_refusals = settings.max_refusals
+        self.batch_size = settings.batch_size
+        self.associations = settings.associations
         self.on_job_done = on_job_done
         self._rng = random.Random()
         self._lock = threading.Lock()
@@ -297,6 +454,7 @@ class Dispatcher:
         self._workers: dict[str, threading.Thread] = {}
         self._wake: dict[str, threading.Event] = {}
         self._assocs: set[Any] = set()
+        self._watcher: threading.Thread | None = None
         self._running = False
         self._local = threading.local()
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -361,9 +519,7 @@ class Dispatcher:
                 "transfer_syntax_uid, sop_instance_uid, state, next_attempt_at, created_at) "
                 "VALUES (?,?,?,?,?,?,'pending',?,?)",
                 [(job_id, destination.name, p, c, t, s, now, now) for p, c, t, s in rows])
-            db.execute("UPDATE outbox SET state='pending', attempts=0, refusals=0, next_attempt_at=?, "
-                       "last_error=NULL WHERE job_id=? AND destination=? AND state='failed'",
-                       (now, job_id, destination.name))
+            _requeue(db, job_id, now, destination.name)
         self._update_pending_gauge()
         if self.audit is not None:
             self.audit.record("dispatch_queued", job_id=job_id, destination=destination.name,
@@ -381,8 +537,21 @@ class Dispatcher:
                 return
             self._stop.clear()
             self._running = True
+        self._start_pending_workers()
+        self._watcher = threading.Thread(target=self._watch, name="qsmnode-dispatch-watch", daemon=True)
+        self._watcher.start()
+
+    def _start_pending_workers(self) -> None:
         for (name,) in self._query("SELECT DISTINCT destination FROM outbox WHERE state='pending'"):
             self._ensure_worker(name)
+
+    def _watch(self) -> None:
+        """Start workers for files that another process put back in the outbox (``qsmnode retry``)."""
+        while not self._stop.wait(self.poll_s):
+            try:
+                self._start_pending_workers()
+            except Exception:  # a locked index now and then: try again at the next poll
+                log.debug("dispatch watch: cannot read the outbox", exc_info=True)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop every worker promptly: open associations are aborted, unsent files stay pending."""
@@ -396,7 +565,7 @@ class Dispatcher:
                     assoc.abort()
                 except Exception:  # already gone
                     pass
-            workers = list(self._workers.values())
+            workers = list(self._workers.values()) + ([self._watcher] if self._watcher else [])
         deadline = time.monotonic() + timeout_s
         for t in workers:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -417,12 +586,11 @@ class Dispatcher:
     def job_state(self, job_id: str) -> str:
         """``"unknown"`` (nothing enqueued), ``"pending"`` (something still to try), ``"failed"``
         (nothing left to try and some file was given up) or ``"sent"`` (everything delivered)."""
-        states = {s for (s,) in self._query("SELECT DISTINCT state FROM outbox WHERE job_id=?", (job_id,))}
-        if not states:
-            return "unknown"
-        if "pending" in states:
-            return "pending"
-        return "failed" if "failed" in states else "sent"
+        return delivery_state(self.job_deliveries(job_id))
+
+    def job_deliveries(self, job_id: str) -> list[Delivery]:
+        """Where ``job_id``'s files stand, per destination (see :class:`Delivery`)."""
+        return _deliveries(self._conn(), [job_id]).get(job_id, [])
 
     def job_failures(self, job_id: str) -> list[str]:
         """One line per failed file of ``job_id``: destination, file, SOP instance and why."""
@@ -537,8 +705,9 @@ class Dispatcher:
             self.audit.record("dispatch_retry", destination=dest.name, attempt=attempt,
                               retry_in_s=round(delay, 3), instances=len(items),
                               job_ids=sorted({i.job_id for i in items}), reason=reason)
-        log.warning("dispatch to %s failed (attempt %d): %s; retrying in %.1f s",
-                    dest.describe(), attempt, reason, delay)
+        log.warning("dispatch to %s failed (attempt %d, %d file(s)): %s; next try in %.1f s, at %s",
+                    dest.describe(), attempt, len(items), reason, delay,
+                    time.strftime("%H:%M:%S", time.localtime(when)))
 
     def _record_results(self, dest: Destination, items: list[_Item],
                         results: dict[int, str | None], seconds: float) -> None:
@@ -664,16 +833,20 @@ class Dispatcher:
         tls_args = None
         if dest.tls:
             tls_args = (dest.ssl_context(), dest.tls_server_hostname or dest.host)
+        _PEER_ERRORS.install()
+        since = time.time()
         try:
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
         except Exception as err:
             raise _Transient(f"cannot connect to {dest.describe()}: {type(err).__name__}: {err}") from err
         if not assoc.is_established:
+            # pynetdicom negotiates in this thread and connects in the association's DUL thread
+            cause = _PEER_ERRORS.take((threading.current_thread(), assoc.dul), since)
             if assoc.is_rejected:
-                raise _Transient(f"{dest.describe()} rejected the association (is our AE title "
-                                 f"{self.local_ae_title!r} allowed there?)")
-            raise _Transient(f"cannot associate with {dest.describe()}: connection refused, "
-                             "aborted or timed out")
+                raise _Transient(f"{dest.describe()} rejected the association ({cause + '; ' if cause else ''}"
+                                 f"is our AE title {self.local_ae_title!r} allowed there?)")
+            raise _Transient(f"cannot associate with {dest.describe()}: "
+                             f"{cause or 'connection refused, aborted or timed out'}")
         with self._lock:
             self._assocs.add(assoc)
         if self._stop.is_set():
@@ -811,6 +984,60 @@ class Dispatcher:
         except Exception:
             return {}
         return cls._stow_failures(ds)
+
+
+class _PeerErrors(logging.Filter):
+    """Remembers pynetdicom's error lines by thread, to say in one line why an association failed.
+
+    pynetdicom tells why a connection failed (``TCP Initialisation Error: [Errno 111] Connection
+    refused``, a TLS error, the A-ASSOCIATE-RJ reason) only in its log, from the thread that asks
+    for the association (negotiation) and the association's DUL thread (connection). The node
+    keeps those records off its log (:func:`qsmnode.node.serve.setup_logging`) and logs one
+    warning per failed try, with the cause taken from here. Attached to pynetdicom's loggers, the
+    filter lets every record through; it keeps the ERROR messages of the latest threads only, by
+    thread id and name (a finished DUL thread's id is soon reused by the next one, its name
+    ``Thread-N (...)`` is not).
+    """
+
+    LOGGERS = ("pynetdicom.transport", "pynetdicom.acse")
+    #: lines that say that something failed but not what
+    GENERIC = frozenset({"Association request failed: unable to connect to remote",
+                         "Association Rejected", "Aborting Association"})
+    MAX_THREADS = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._by_thread: dict[tuple[int | None, str], list[tuple[float, str]]] = {}
+
+    def install(self) -> None:
+        """Attach to pynetdicom's loggers (once)."""
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            if self not in logger.filters:
+                logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            message = record.getMessage().removeprefix("TCP Initialisation Error: ")
+            if message not in self.GENERIC:
+                key = (record.thread, record.threadName or "")
+                with self._lock:
+                    self._by_thread.setdefault(key, []).append((record.created, message))
+                    while len(self._by_thread) > self.MAX_THREADS:  # forget the oldest thread
+                        del self._by_thread[next(iter(self._by_thread))]
+        return True
+
+    def take(self, threads: Iterable[threading.Thread | None], since: float) -> str:
+        """The messages of ``threads`` logged at or after ``since`` (unix s), joined with "; ";
+        forgets them."""
+        with self._lock:
+            lines = [m for t in threads if t is not None
+                     for when, m in self._by_thread.pop((t.ident, t.name), []) if when >= since]
+        return "; ".join(dict.fromkeys(lines))  # each once, in order
+
+
+_PEER_ERRORS = _PeerErrors()
 
 
 class _QuickAckSocket:

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import asdict
 
 from qsmnode.node.index import Index
 from qsmnode.node.spool import Spool
@@ -21,8 +22,24 @@ from qsmnode.node.spool import Spool
 log = logging.getLogger("qsmnode.node")
 
 
+class PynetdicomOnlyInDebug(logging.Filter):
+    """Drops pynetdicom's records unless the node logs at debug level.
+
+    pynetdicom logs ERROR lines (and, for TLS and broken connections, tracebacks) for every failed
+    connection, e.g. on every retry while a destination PACS is down. The node says the same in
+    one line of its own per event (the dispatcher: which destination, the cause, the next try;
+    the receiver: each refused association), so pynetdicom's lines are noise at info level.
+    With ``log_level = "debug"`` they are shown, for troubleshooting.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "pynetdicom" and not record.name.startswith("pynetdicom."):
+            return True
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def setup_logging(level: str = "info") -> None:
-    """One line per event on stderr; pynetdicom's own per-PDU chatter is switched off."""
+    """One line per event on stderr; pynetdicom's own lines only at debug level."""
     from pynetdicom import _config as pynetdicom_config
 
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
@@ -30,6 +47,7 @@ def setup_logging(level: str = "info") -> None:
     if not any(getattr(h, "_qsmnode", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(PynetdicomOnlyInDebug())
         handler._qsmnode = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
@@ -55,7 +73,7 @@ class Node:
         self.index = Index(config.db_path)
         self.spool = Spool(config.storage, fsync_directory=config.fsync_directory)
         self.dispatcher = Dispatcher(config.db_path, config.ae_title, self.metrics, self.audit,
-                                     on_job_done=self._on_dispatched)
+                                     **asdict(config.dispatch), on_job_done=self._on_dispatched)
         self.worker = WorkerPool(config, self.index, self.dispatcher, metrics=self.metrics, audit=self.audit)
         self.tracker = Tracker(config, self.index, metrics=self.metrics, audit=self.audit, on_job=self.worker.notify)
         self.receiver = Receiver(config, self.spool, self.index, self.metrics, self.audit,
@@ -67,10 +85,13 @@ class Node:
         self.started_at = None
 
     def _on_dispatched(self, job_id: str, state: str, reason: str | None) -> None:
+        """A job's dispatch ended. The outbox keeps the state (``qsmnode jobs`` shows it); this
+        says it in the log, and how to deliver again once the destination is fixed."""
         if state == "sent":
             log.info("job %s: every output delivered", job_id)
         else:
-            log.warning("job %s: delivery failed: %s", job_id, reason)
+            log.error("job %s: delivery failed: %s (once the destination is fixed: qsmnode retry %s)",
+                      job_id, reason, job_id)
 
     def health(self) -> dict:
         free = self.spool.free_mb()

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from qsmnode.config import NodeConfig, load_config
+from qsmnode.node.dispatch import DispatchSettings
 from qsmnode.errors import ConfigError
 from qsmnode.cli import main
 
@@ -25,6 +26,12 @@ port = 0
 
 [retention]
 keep_hours = 2
+
+[dispatch]
+base_delay_s = 1
+max_delay_s = 60.0
+max_refusals = 3
+associations = 2
 
 [known_aes]
 MR1 = "10.0.0.21:104"
@@ -63,6 +70,8 @@ def test_good_config_loads_with_resolved_paths(tmp_path):
     pacs = cfg.destinations["pacs"]
     assert (pacs.ae_title, pacs.host, pacs.port) == ("PACS", "10.0.0.5", 104)
     assert cfg.known_aes["MR1"].port == 104
+    assert (cfg.dispatch.base_delay_s, cfg.dispatch.max_delay_s, cfg.dispatch.max_refusals,
+            cfg.dispatch.batch_size, cfg.dispatch.associations) == (1.0, 60.0, 3, 500, 2)
     (rule,) = cfg.rules
     assert rule.name == "brain" and rule.preset == "accurate" and rule.destinations == ("pacs", "return-to-sender")
     assert [c.keyword for c in rule.tags] == ["SeriesDescription", "MagneticFieldStrength"]
@@ -72,6 +81,7 @@ def test_defaults_without_file():
     cfg = NodeConfig()
     assert cfg.ae_title == "QSMNODE" and cfg.port == 11112 and cfg.device == "auto"
     assert [r.name for r in cfg.effective_rules] == ["default"]
+    assert cfg.dispatch == DispatchSettings()  # the Dispatcher's own defaults
 
 
 @pytest.mark.parametrize("text, words", [
@@ -92,6 +102,16 @@ def test_defaults_without_file():
     ("[[destination]]\nname = \"a\"\nkind = \"dimse\"\n", ["destination"]),
     ("[tls]\ncertificate = \"missing.pem\"\nprivate_key = \"missing.key\"\n", ["file not found"]),
     ("[node\n", ["not valid TOML"]),
+    ("[dispatch]\nbase_delay = 1\n", ["[dispatch]: unknown key 'base_delay'", "base_delay_s"]),
+    ("[dispatch]\nbase_delay_s = \"2s\"\n", ["[dispatch] base_delay_s must be float", "str"]),
+    ("[dispatch]\nmax_refusals = 2.5\n", ["[dispatch] max_refusals must be int", "float"]),
+    ("[dispatch]\nassociations = true\n", ["[dispatch] associations must be int", "bool"]),
+    ("[dispatch]\nbase_delay_s = 0\n", ["[dispatch] base_delay_s must be > 0"]),
+    ("[dispatch]\nbase_delay_s = 10\nmax_delay_s = 5\n", ["[dispatch] max_delay_s (5) is below base_delay_s (10)"]),
+    ("[dispatch]\nmax_refusals = 0\n", ["[dispatch] max_refusals must be >= 1"]),
+    ("[dispatch]\nbatch_size = -1\n", ["[dispatch] batch_size must be >= 1"]),
+    ("[dispatch]\nassociations = 64\n", ["[dispatch] associations must be between 1 and 32"]),
+    ("dispatch = 3\n", ["[dispatch] must be a table"]),
 ])
 def test_bad_configs_are_refused_with_the_reason(tmp_path, text, words):
     with pytest.raises(ConfigError) as err:
@@ -110,3 +130,15 @@ def test_check_config_command(tmp_path, capsys):
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'portt'" in err and err.count("\n") == 1
+    bad.write_text("[dispatch]\nmax_delay_s = 1\n")  # below the default base_delay_s
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "[dispatch] max_delay_s (1) is below base_delay_s (2)" in err and err.count("\n") == 1
+
+
+def test_shipped_example_config_passes_check_config(capsys):
+    example = Path(__file__).resolve().parents[2] / "deploy" / "qsmnode.toml"
+    assert main(["check-config", str(example)]) == 0
+    out = capsys.readouterr().out
+    assert "dispatch: back-off 2 s .. 300 s" in out and "up to 4 association(s)" in out
+    assert load_config(example).dispatch == DispatchSettings()  # the example documents the defaults
