@@ -18,8 +18,6 @@ Example (every option, with its default)::
     incomplete_cap_seconds = 600     # ... unless counts say it is incomplete: then failed after this
     audit_log = ""                   # default: <storage>/audit.log
     log_level = "info"
-    receiver_poll_ms = 0.1           # pynetdicom's polling interval per association (its default: 1 ms);
-                                     # 0.1 ms doubles C-STORE throughput for a little CPU while associations are open
     fsync_directory = false          # also fsync the series folder per instance (POSIX-strict, ~2x slower;
                                      # ext4/xfs make a new file's name durable with its own fdatasync)
 
@@ -95,7 +93,6 @@ _NODE_KEYS: dict[str, tuple[type, Any]] = {
     "audit_log": (str, ""),
     "log_level": (str, "info"),
     "fsync_directory": (bool, False),
-    "receiver_poll_ms": (float, 0.1),
 }
 _HTTP_KEYS = {"bind": (str, "127.0.0.1"), "port": (int, 8080)}
 _TLS_KEYS = {"certificate": (str, None), "private_key": (str, None), "ca_certificates": (str, ""),
@@ -152,7 +149,6 @@ class NodeConfig:
     audit_log: Path | None = None
     log_level: str = "info"
     fsync_directory: bool = False
-    receiver_poll_ms: float = 0.1
     http_bind: str = "127.0.0.1"
     http_port: int = 8080
     tls: TlsConfig | None = None
@@ -313,7 +309,6 @@ def config_from_dict(raw: dict, base_dir: Path | None = None, source: Path | Non
         audit_log=_resolve(base_dir, node["audit_log"]),
         log_level=node["log_level"],
         fsync_directory=node["fsync_directory"],
-        receiver_poll_ms=node["receiver_poll_ms"],
         http_bind=http["bind"],
         http_port=http["port"],
         tls=tls,
@@ -348,8 +343,6 @@ def _check_values(cfg: NodeConfig, where: str = "") -> None:
                           f"({cfg.quiet_seconds:g})", "the cap is the longest wait; make it >= quiet_seconds")
     if cfg.min_free_disk_mb < 0 or cfg.pressure_free_disk_mb < 0 or cfg.retention_hours < 0:
         raise ConfigError(f"{where}disk watermarks and keep_hours must be >= 0")
-    if not 0.01 <= cfg.receiver_poll_ms <= 1.0:
-        raise ConfigError(f"{where}receiver_poll_ms must be between 0.01 and 1.0, not {cfg.receiver_poll_ms:g}")
     if cfg.max_pdu_size < 0:
         raise ConfigError(f"{where}max_pdu_size must be >= 0 (0 = unlimited)")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):

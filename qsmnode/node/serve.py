@@ -97,7 +97,7 @@ class Node:
         free = self.spool.free_mb()
         counts = self.index.job_counts()
         disk_ok = free >= self.config.min_free_disk_mb
-        receiving = self.receiver._server is not None
+        receiving = self.receiver.listening
         out = {
             "healthy": bool(disk_ok and receiving),
             "status": "ok" if disk_ok and receiving else "degraded",
