@@ -16,68 +16,40 @@ Usage::
     python bench/node.py --profile           # also py-spy the receiver during one run
 
 Prints one table; writes nothing outside a temporary folder (``--keep`` keeps it).
+The processes (Orthanc, ``qsmnode serve``, storescu) are started with the integration tests'
+helpers, ``tests/integration/node_helpers.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tests.integration
 
-STORESCU = "/usr/bin/storescu"
-STORESCP = "/usr/bin/storescp"
-ORTHANC = "/usr/sbin/Orthanc"
-SERVE = [sys.executable, "-c", "import sys; from qsmnode.cli import main; sys.exit(main())", "serve"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.integration.node_helpers import (  # noqa: E402  (the helpers the integration tests use)
+    ECHOSCU_BIN, ORTHANC_BIN, STORESCP_BIN, STORESCU_BIN, LoggedProcess, NodeProcess, OrthancServer, free_port,
+    make_mr_instances, metric, missing_tools, port_open, samples, serve_unavailable, storescu_command, wait_until,
+)
 
 
 def make_instances(outdir: Path, n: int, n_series: int = 10, rows: int = 64) -> list[Path]:
-    """``n`` small MR Image Storage files (``rows`` x ``rows`` int16, ~8 KiB) in ``n_series`` series."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import MRImageStorage, generate_uid
+    """``n`` small MR Image Storage files (``rows`` x ``rows`` int16, ~8 KiB) in ``n_series`` series,
+    one folder each."""
+    from pydicom.uid import generate_uid
 
     study = generate_uid()
-    series = [generate_uid() for _ in range(n_series)]
-    pixels = (np.arange(rows * rows, dtype=np.int16) % 1000).tobytes()
     paths = []
-    for k in range(n):
-        s = k % n_series
-        d = outdir / f"s{s:02d}"
-        d.mkdir(parents=True, exist_ok=True)
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series[s]
-        ds.PatientName, ds.PatientID, ds.Modality = "BENCH^NODE", "BENCH", "MR"
-        ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = f"bench {s}", s + 1, k // n_series + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M"]
-        ds.Rows = ds.Columns = rows
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = pixels
-        p = d / f"{k:05d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
+    for s in range(n_series):
+        paths += make_mr_instances(outdir / f"s{s:02d}", len(range(s, n, n_series)), rows=rows, study_uid=study,
+                                   series_description=f"bench {s}", series_number=s + 1,
+                                   image_type=("ORIGINAL", "PRIMARY", "M"))
     return paths
 
 
@@ -88,9 +60,8 @@ def storescu_parallel(dirs: list[list[Path]], port: int, aet: str, nodelay: bool
     if nodelay:
         env["TCP_NODELAY"] = "1"
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([STORESCU, "-aet", "BENCHSCU", "-aec", aet, "+sd", "+r", "127.0.0.1", str(port)]
-                              + [str(x) for x in group], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for group in dirs]
+    procs = [subprocess.Popen(storescu_command(group, port, aet, calling="BENCHSCU"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for group in dirs]
     errors = []
     for p in procs:
         out, err = p.communicate()
@@ -99,118 +70,28 @@ def storescu_parallel(dirs: list[list[Path]], port: int, aet: str, nodelay: bool
     return time.perf_counter() - t0, errors
 
 
-def http_text(port: int, path: str) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-        return r.read().decode()
+def start_node(workdir: Path, orthanc: OrthancServer, extra: list[str] = ()) -> NodeProcess:
+    """``qsmnode serve`` with the quick-start flags, sending to ``orthanc``; started."""
+    node = NodeProcess.from_flags(workdir, free_port(), http_port=free_port(),
+                                  destinations=[f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"], extra_args=extra)
+    return node.start(new_session=True)
 
 
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? ([0-9.eE+-]+)$", line)
-        if not m:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
-
-
-class Child:
-    """A child process with its log in ``workdir``; stopped with SIGTERM."""
-
-    def __init__(self, args: list[str], workdir: Path, name: str, env: dict | None = None):
-        self.log_path = workdir / f"{name}.log"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir,
-                                     env=env, start_new_session=True)
-
-    def tail(self, n: int = 20) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout_s: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout_s} s")
-
-
-def start_orthanc(workdir: Path) -> tuple[Child, int, int]:
-    dicom_port, http_port = free_port(), free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = {"Name": "bench", "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
-           "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-           "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
-           "UnknownSopClassAccepted": True, "StableAge": 1, "SaveJobs": False}
-    (workdir / "orthanc.json").write_text(json.dumps(cfg))
-    child = Child([ORTHANC, str(workdir / "orthanc.json")], workdir, "orthanc")
-    wait_port(http_port, child.proc, what="Orthanc")
-    return child, dicom_port, http_port
-
-
-def orthanc_rest(http_port: int, path: str, body=None):
-    req = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}", method="POST" if body else "GET",
-                                 data=json.dumps(body).encode() if body else None)
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def start_node(workdir: Path, orthanc_port: int, extra: list[str] = (), profile: Path | None = None):
-    port, http_port = free_port(), free_port()
-    args = SERVE + ["--aet", "QSMNODE", "--port", str(port), "--storage", str(workdir / "storage"),
-                    "--destination", f"ORTHANC@127.0.0.1:{orthanc_port}", "--http-port", str(http_port)]
-    args += list(extra)
-    if profile is not None:
-        args = ["py-spy", "record", "--subprocesses", "--threads", "--format", "raw", "--rate", "200",
-                "-o", str(profile), "--"] + args
-    child = Child(args, workdir, "node" if profile is None else "node-profiled")
-    wait_port(http_port, child.proc, what="qsmnode serve")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=5).status == 200:
-                break
-        except OSError:
-            time.sleep(0.2)
-    return child, port, http_port
-
-
-def serve_available() -> bool:
-    return subprocess.run(SERVE + ["--help"], capture_output=True, timeout=60).returncode == 0
-
-
-def receive_runs(root: Path, n: int, receiver: str, orthanc_port: int) -> list[dict]:
+def receive_runs(root: Path, n: int, receiver: str, orthanc: OrthancServer) -> list[dict]:
     """The four storescu modes against ``receiver`` ('node' or 'storescp'); one row each."""
     rows = []
     workdir = root / f"recv-{receiver}"
     workdir.mkdir()
     if receiver == "node":
-        child, port, http_port = start_node(workdir, orthanc_port)
-        aet = "QSMNODE"
+        child = node = start_node(workdir, orthanc)
+        port, aet = node.port, node.aet
     else:
-        port, http_port = free_port(), None
+        node, port, aet = None, free_port(), "STORESCP"
         (workdir / "in").mkdir()
-        child = Child([STORESCP, "--fork", "-aet", "STORESCP", "-od", str(workdir / "in"), str(port)], workdir, "storescp")
-        wait_port(port, child.proc, what="storescp")
-        aet = "STORESCP"
+        child = LoggedProcess(workdir / "storescp.log")
+        child.launch([STORESCP_BIN, "--fork", "-aet", aet, "-od", str(workdir / "in"), str(port)], cwd=workdir,
+                     new_session=True)
+        wait_until(lambda: port_open(port), 60, f"storescp to listen on {port}", proc=child.proc, poll_s=0.1)
     try:
         for assocs in (1, 4):
             for nodelay in (False, True):
@@ -218,12 +99,10 @@ def receive_runs(root: Path, n: int, receiver: str, orthanc_port: int) -> list[d
                 make_instances(src, n)
                 series_dirs = sorted(src.iterdir())
                 groups = [series_dirs[k::assocs] for k in range(assocs)]
-                before = metric(http_text(http_port, "/metrics"), "qsmnode_instances_received_total",
-                                outcome="stored") if http_port else 0.0
+                before = node.metric("qsmnode_instances_received_total", outcome="stored") if node else 0.0
                 secs, errors = storescu_parallel(groups, port, aet, nodelay)
-                stored = (metric(http_text(http_port, "/metrics"), "qsmnode_instances_received_total",
-                                 outcome="stored") - before) if http_port else float(
-                    sum(1 for _ in (workdir / "in").iterdir()))
+                stored = (node.metric("qsmnode_instances_received_total", outcome="stored") - before) if node \
+                    else float(sum(1 for _ in (workdir / "in").iterdir()))
                 if receiver == "storescp":
                     for f in (workdir / "in").iterdir():
                         f.unlink()
@@ -239,7 +118,7 @@ def receive_runs(root: Path, n: int, receiver: str, orthanc_port: int) -> list[d
     return rows
 
 
-def profile_receiver(root: Path, n: int, orthanc_port: int) -> str:
+def profile_receiver(root: Path, n: int, orthanc: OrthancServer) -> str:
     """py-spy (attached by pid) the node while it receives ``n`` instances over one association
     with TCP_NODELAY=1; returns the functions with the largest inclusive and self shares of the
     node's active (non-idle) samples."""
@@ -250,16 +129,16 @@ def profile_receiver(root: Path, n: int, orthanc_port: int) -> str:
     out = workdir / "receiver.txt"
     src = root / "data-profile"
     make_instances(src, n)
-    child, port, _ = start_node(workdir, orthanc_port)
+    node = start_node(workdir, orthanc)
     try:
-        spy = subprocess.Popen(["py-spy", "record", "--pid", str(child.proc.pid), "--threads", "--format", "raw",
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(node.proc.pid), "--threads", "--format", "raw",
                                 "--rate", "250", "--duration", "8", "--nonblocking", "-o", str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(1.0)
-        secs, _ = storescu_parallel([[src]], port, "QSMNODE", True)
+        secs, _ = storescu_parallel([[src]], node.port, node.aet, True)
         spy_out = spy.communicate(timeout=60)[0]
     finally:
-        child.stop()
+        node.stop()
     if not out.exists():
         return f"py-spy wrote no profile: {spy_out.strip()[-300:]}"
     incl: dict[str, int] = {}
@@ -289,8 +168,7 @@ def profile_receiver(root: Path, n: int, orthanc_port: int) -> str:
     return "\n".join(lines)
 
 
-def e2e(root: Path, matrix: tuple[int, int, int], orthanc_port: int, orthanc_http: int,
-        quiet_seconds: float | None) -> dict:
+def e2e(root: Path, matrix: tuple[int, int, int], orthanc: OrthancServer, quiet_seconds: float | None) -> dict:
     from qsmnode.simulate.scan import simulate_scan
     import pydicom
 
@@ -303,36 +181,30 @@ def e2e(root: Path, matrix: tuple[int, int, int], orthanc_port: int, orthanc_htt
         cfg = workdir / "node.toml"
         cfg.write_text(f"[node]\nquiet_seconds = {quiet_seconds}\n")
         extra = ["--config", str(cfg)]
-    child, port, http_port = start_node(workdir, orthanc_port, extra)
+    node = start_node(workdir, orthanc, extra)
     try:
-        secs, errors = storescu_parallel([[scan.dicom_dir]], port, "QSMNODE", True)
+        secs, errors = storescu_parallel([[scan.dicom_dir]], node.port, node.aet, True)
         t_sent = time.perf_counter()
         if errors:
             raise RuntimeError(f"storescu failed: {errors}")
         last_count, t_last, deadline = 0, None, time.monotonic() + 1800
         while time.monotonic() < deadline:
-            count = sum(len(s.get("Instances", [])) for s in orthanc_rest(
-                orthanc_http, "/tools/find", {"Level": "Series", "Query": {"StudyInstanceUID": study},
-                                              "Expand": True}))
+            count = sum(s["NumberOfInstances"] for s in orthanc.series_of_study(study))
             if count > last_count:
                 last_count, t_last = count, time.perf_counter()
-            text = http_text(http_port, "/metrics")
+            text = node.metrics_text()
             if (last_count and metric(text, "qsmnode_outbox_pending") == 0
                     and metric(text, "qsmnode_dispatched_instances_total", outcome="sent") >= last_count
                     and metric(text, "qsmnode_jobs", state="done") >= 1):
                 break
             if metric(text, "qsmnode_jobs", state="failed") >= 1:
-                raise RuntimeError(f"the job failed:\n{child.tail()}")
+                raise RuntimeError(f"the job failed:\n{node.log_tail(20)}")
             time.sleep(0.2)
-        stages = {}
-        for line in text.splitlines():
-            m = re.match(r'^qsmnode_stage_seconds_sum\{stage="([^"]+)"\} ([0-9.eE+-]+)$', line)
-            if m:
-                stages[m.group(1)] = float(m.group(2))
+        stages = {labels["stage"]: v for labels, v in samples(text, "qsmnode_stage_seconds_sum") if "stage" in labels}
         return {"instances_in": len(scan.paths), "send_seconds": secs, "outputs": last_count,
                 "latency_s": (t_last - t_sent) if t_last else float("nan"), "stage_seconds": stages}
     finally:
-        child.stop()
+        node.stop()
 
 
 def main(argv=None) -> int:
@@ -349,28 +221,28 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="py-spy the receiver during one run")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
-    for tool in (STORESCU, STORESCP, ORTHANC):
-        if not os.access(tool, os.X_OK):
-            print(f"missing {tool}: apt-get install dcmtk orthanc", file=sys.stderr)
-            return 2
+    missing = missing_tools(STORESCU_BIN, STORESCP_BIN, ECHOSCU_BIN, ORTHANC_BIN)
+    if missing:
+        print(f"missing {', '.join(missing)}: apt-get install dcmtk orthanc", file=sys.stderr)
+        return 2
     root = Path(tempfile.mkdtemp(prefix="qsmnode-bench-"))
-    orthanc, o_port, o_http = start_orthanc(root / "orthanc")
+    orthanc = OrthancServer(root / "orthanc").start()  # free ports chosen at start
     rows, e2e_row, prof = [], None, None
     try:
         if not args.skip_receive:
             print(f"receive: {args.instances} instances of 64x64 int16 per run", flush=True)
             if not args.skip_reference:
-                rows += receive_runs(root, args.reference_instances, "storescp", o_port)
-            if serve_available():
-                rows += receive_runs(root, args.instances, "node", o_port)
+                rows += receive_runs(root, args.reference_instances, "storescp", orthanc)
+            if serve_unavailable() is None:
+                rows += receive_runs(root, args.instances, "node", orthanc)
             else:
                 print("  `qsmnode serve` is not available: node runs skipped", flush=True)
         if args.profile:
-            prof = profile_receiver(root, min(args.instances, 1000), o_port)
+            prof = profile_receiver(root, min(args.instances, 1000), orthanc)
         if not args.skip_e2e:
             matrix = tuple(int(x) for x in args.matrix.split(","))
             print(f"end to end: simulated 3 T scan, matrix {matrix}", flush=True)
-            e2e_row = e2e(root, matrix, o_port, o_http, args.quiet_seconds)
+            e2e_row = e2e(root, matrix, orthanc, args.quiet_seconds)
     finally:
         orthanc.stop()
         if not args.keep:

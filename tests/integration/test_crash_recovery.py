@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from conftest import STORESCU_BIN, require_tools, storescu
-from node_helpers import ECHOSCU_BIN, NodeProcess
+from node_helpers import ECHOSCU_BIN, NodeProcess, storescu_command
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,9 +50,8 @@ def test_sigkill_while_receiving_and_while_processing(tmp_path, free_port, ortha
                        destinations=[{"name": "pacs", "address": f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"}])
     node.start()
     # 1. crash in the middle of receiving
-    sender = subprocess.Popen([STORESCU_BIN, "-v", "-aet", "SCANNER", "-aec", "QSMNODE", "+sd", "+r", "127.0.0.1",
-                               str(node.port), str(scan.dicom_dir)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    sender = subprocess.Popen(storescu_command([scan.dicom_dir], node.port, extra_args=["-v"]),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     spool = node.storage / "spool"
     node.wait_for(lambda: len(list(spool.rglob("*.dcm"))) >= 60, 60, "60 instances in the spool", poll_s=0.05)
     node.kill()

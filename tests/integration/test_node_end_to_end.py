@@ -5,14 +5,12 @@ valid per dciodvfy, once."""
 from __future__ import annotations
 
 import io
-import re
-import urllib.request
 
 import pydicom
 import pytest
 
 from conftest import require_tools, storescu
-from node_helpers import ECHOSCU_BIN, NodeProcess
+from node_helpers import ECHOSCU_BIN, NodeProcess, http_get
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,10 +43,8 @@ def test_siemens_and_ge_scans_come_back_to_pacs_as_qsm_outputs(tmp_path, free_po
         n_outputs = sum(len(j["outputs"]) for j in jobs)
         assert orthanc.wait_for_instances(n_outputs, timeout_s=120) == n_outputs
 
-        port = int(re.search(r"HTTP 127\.0\.0\.1:(\d+)", node.log()).group(1))
-        health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10)
-        assert health.status == 200
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert http_get(node.bound_http_port(), "/healthz")[0] == 200
+        metrics = node.metrics_text()
         assert 'qsmnode_stage_seconds_count{stage="job"} 2.0' in metrics
 
         events = {e["event"] for e in node.audit()}

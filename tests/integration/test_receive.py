@@ -60,17 +60,9 @@ def test_instances_are_stored_exactly_once_and_indexed(node, tmp_path):
     events = [e for e in n.audit() if e["event"] == "received"]
     assert sum(e["stored"] for e in events) == 30 and sum(e["duplicate"] for e in events) == 10
     assert "TEST^DISPATCH" not in (n.storage / "audit.log").read_text()  # no patient name in clear
-    metrics = subprocess.run(["python", "-c", f"import urllib.request;print(urllib.request.urlopen("
-                              f"'http://127.0.0.1:{_http_port(n)}/metrics').read().decode())"],
-                             capture_output=True, text=True, timeout=30).stdout
+    metrics = n.metrics_text()
     assert 'qsmnode_instances_received_total{outcome="stored"} 30.0' in metrics
     assert 'qsmnode_instances_received_total{outcome="duplicate"} 10.0' in metrics
-
-
-def _http_port(n) -> int:
-    import re
-
-    return int(re.search(r"HTTP 127\.0\.0\.1:(\d+)", n.log()).group(1))
 
 
 @pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless,
@@ -122,7 +114,7 @@ def test_refusals_have_specific_statuses_and_the_node_keeps_serving(node, tmp_pa
     assert "datasetdoesnotmatchsopclass" in out.lower() and "sopclassnotsupported" in out.lower(), out
     assert set(spool_files(n)) == {sop_uid(good[0]), sop_uid(good[1])}  # the others still went in
     log = n.log()
-    assert "status 0xA900" in log and "pixel data has 100 bytes" in log
+    assert "status 0xA900" in log and "truncated pixel data: 100 bytes" in log
     assert "status 0x0122" in log and "not an MR image" in log
 
     # an unknown calling AE title: association rejected, logged, audited
@@ -186,38 +178,27 @@ def test_incomplete_acquisition_fails_after_the_cap_naming_the_missing_slices(no
 
 def test_quick_start_flags_and_the_echo_and_send_commands(tmp_path, free_port):
     require_tools(ECHOSCU_BIN)
-    import sys
-    import time
-
-    port = free_port()
-    storage = tmp_path / "q"
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "qsmnode.cli", "serve", "--aet", "QUICK", "--port", str(port),
-                             "--bind", "127.0.0.1", "--storage", str(storage), "--http-port", "-1",
-                             "--destination", "PACS@127.0.0.1:4242", "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    node = NodeProcess.from_flags(tmp_path / "quick", free_port(), aet="QUICK", http_port=-1,
+                                  destinations=["PACS@127.0.0.1:4242"],
+                                  extra_args=["--bind", "127.0.0.1", "--device", "cpu"])
     try:
-        deadline = time.monotonic() + 60
-        while "ready: DICOM" not in (tmp_path / "serve.log").read_text() and time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            time.sleep(0.2)
-        text = (tmp_path / "serve.log").read_text()
+        node.start(echo=False)
+        text = node.log()
         assert "node QUICK ready" in text and "rules default" in text and "destinations PACS" in text
-        echo = subprocess.run(["qsmnode", "echo", f"QUICK@127.0.0.1:{port}"], capture_output=True, text=True,
+        echo = subprocess.run(["qsmnode", "echo", f"QUICK@127.0.0.1:{node.port}"], capture_output=True, text=True,
                               timeout=60)
         assert echo.returncode == 0 and "success" in echo.stdout, echo.stderr
         paths = make_mr_instances(tmp_path / "in", 4, rows=16)
-        sent = subprocess.run(["qsmnode", "send", f"QUICK@127.0.0.1:{port}", str(tmp_path / "in")],
+        sent = subprocess.run(["qsmnode", "send", f"QUICK@127.0.0.1:{node.port}", str(tmp_path / "in")],
                               capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0 and "sent 4 of 4" in sent.stdout, sent.stdout + sent.stderr
-        assert {p.stem for p in (storage / "spool").rglob("*.dcm")} == {sop_uid(p) for p in paths}
+        assert {p.stem for p in (node.storage / "spool").rglob("*.dcm")} == {sop_uid(p) for p in paths}
         bad = subprocess.run(["qsmnode", "echo", f"QUICK@127.0.0.1:{free_port()}", "--timeout", "5"],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "could not be reached" in bad.stderr
     finally:
-        proc.terminate()
-        assert proc.wait(timeout=60) == 0
-        assert "stopped" in (tmp_path / "serve.log").read_text()
+        assert node.stop() == 0
+        assert "stopped" in node.log()
 
 
 def test_peer_address_allow_list(node, tmp_path, free_port):
