@@ -77,8 +77,9 @@ def start_node(workdir: Path, orthanc: OrthancServer, extra: list[str] = ()) -> 
     return node.start(new_session=True)
 
 
-def receive_runs(root: Path, n: int, receiver: str, orthanc: OrthancServer) -> list[dict]:
-    """The four storescu modes against ``receiver`` ('node' or 'storescp'); one row each."""
+def receive_runs(root: Path, n: int, receiver: str, orthanc: OrthancServer, image_rows: int = 64) -> list[dict]:
+    """The four storescu modes against ``receiver`` ('node' or 'storescp'); one row each. The
+    storescp reference runs with ``TCP_NODELAY=1`` itself, so only the client's setting varies."""
     rows = []
     workdir = root / f"recv-{receiver}"
     workdir.mkdir()
@@ -90,13 +91,13 @@ def receive_runs(root: Path, n: int, receiver: str, orthanc: OrthancServer) -> l
         (workdir / "in").mkdir()
         child = LoggedProcess(workdir / "storescp.log")
         child.launch([STORESCP_BIN, "--fork", "-aet", aet, "-od", str(workdir / "in"), str(port)], cwd=workdir,
-                     new_session=True)
+                     new_session=True, env=dict(os.environ, TCP_NODELAY="1"))
         wait_until(lambda: port_open(port), 60, f"storescp to listen on {port}", proc=child.proc, poll_s=0.1)
     try:
         for assocs in (1, 4):
             for nodelay in (False, True):
                 src = root / f"data-{receiver}-{assocs}-{int(nodelay)}"
-                make_instances(src, n)
+                make_instances(src, n, rows=image_rows)
                 series_dirs = sorted(src.iterdir())
                 groups = [series_dirs[k::assocs] for k in range(assocs)]
                 before = node.metric("qsmnode_instances_received_total", outcome="stored") if node else 0.0
@@ -168,11 +169,13 @@ def profile_receiver(root: Path, n: int, orthanc: OrthancServer) -> str:
     return "\n".join(lines)
 
 
-def e2e(root: Path, matrix: tuple[int, int, int], orthanc: OrthancServer, quiet_seconds: float | None) -> dict:
+def e2e(root: Path, matrix: tuple[int, int, int], voxel_mm: float, orthanc: OrthancServer,
+        quiet_seconds: float | None) -> dict:
     from qsmnode.simulate.scan import simulate_scan
     import pydicom
 
-    scan = simulate_scan(root / "scan", vendor="siemens", field_tesla=3.0, matrix=matrix)
+    scan = simulate_scan(root / "scan", vendor="siemens", field_tesla=3.0, matrix=matrix,
+                         voxel_size_mm=(voxel_mm,) * 3)
     study = pydicom.dcmread(scan.paths[0], stop_before_pixels=True).StudyInstanceUID
     workdir = root / "e2e"
     workdir.mkdir()
@@ -210,7 +213,10 @@ def e2e(root: Path, matrix: tuple[int, int, int], orthanc: OrthancServer, quiet_
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--instances", type=int, default=2000)
+    ap.add_argument("--rows", type=int, default=64, help="rows = columns of the received instances (256: 128 KiB)")
     ap.add_argument("--matrix", default="96,96,72", help="simulated scan matrix for the e2e run")
+    ap.add_argument("--voxel-mm", type=float, default=2.0,
+                    help="isotropic voxel size of the e2e scan (1 for the 256,256,176 clinical case)")
     ap.add_argument("--quiet-seconds", type=float, default=None,
                     help="node quiet period for the e2e run (written to a --config file)")
     ap.add_argument("--skip-receive", action="store_true")
@@ -230,19 +236,19 @@ def main(argv=None) -> int:
     rows, e2e_row, prof = [], None, None
     try:
         if not args.skip_receive:
-            print(f"receive: {args.instances} instances of 64x64 int16 per run", flush=True)
+            print(f"receive: {args.instances} instances of {args.rows}x{args.rows} int16 per run", flush=True)
             if not args.skip_reference:
-                rows += receive_runs(root, args.reference_instances, "storescp", orthanc)
+                rows += receive_runs(root, args.reference_instances, "storescp", orthanc, args.rows)
             if serve_unavailable() is None:
-                rows += receive_runs(root, args.instances, "node", orthanc)
+                rows += receive_runs(root, args.instances, "node", orthanc, args.rows)
             else:
                 print("  `qsmnode serve` is not available: node runs skipped", flush=True)
         if args.profile:
             prof = profile_receiver(root, min(args.instances, 1000), orthanc)
         if not args.skip_e2e:
             matrix = tuple(int(x) for x in args.matrix.split(","))
-            print(f"end to end: simulated 3 T scan, matrix {matrix}", flush=True)
-            e2e_row = e2e(root, matrix, orthanc, args.quiet_seconds)
+            print(f"end to end: simulated 3 T scan, matrix {matrix} at {args.voxel_mm:g} mm", flush=True)
+            e2e_row = e2e(root, matrix, args.voxel_mm, orthanc, args.quiet_seconds)
     finally:
         orthanc.stop()
         if not args.keep:

@@ -9,7 +9,7 @@ the record.
 
 The upper layer is :mod:`qsmnode.node.upper_layer` (pynetdicom negotiates the association; the
 per-instance path is plain ``struct`` work). Each association is a blocking socket read through
-a buffered reader in its own thread: ``recv``, ``fdatasync`` and ``send`` release the GIL, so
+a small buffered reader (:class:`_SocketReader`) in its own thread: ``recv``, ``fdatasync`` and ``send`` release the GIL, so
 associations overlap without a polling reactor.
 
 Refusals carry a specific status and an ErrorComment, get a log line and an audit ``rejected``
@@ -185,6 +185,38 @@ class _IndexFeeder:
                 return
 
 
+class _SocketReader:
+    """Buffered reads from a (TLS) socket that acknowledge every segment at once (``TCP_QUICKACK``).
+
+    A sender with Nagle's algorithm on (DCMTK's default) holds each small write until the previous
+    one is acknowledged, and Linux delays ACKs by up to 40 ms once a connection looks interactive;
+    the quick-ack mode is not sticky, so it is renewed after every ``recv``.
+    """
+
+    def __init__(self, sock: socket.socket, chunk: int = 256 * 1024):
+        self.sock = sock
+        self.chunk = chunk
+        self.buffer = bytearray()
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            self.quickack = True
+        except (OSError, AttributeError):
+            self.quickack = False
+
+    def read(self, n: int) -> bytes:
+        """``n`` bytes, or fewer when the peer closed the connection."""
+        while len(self.buffer) < n:
+            data = self.sock.recv(max(self.chunk, n - len(self.buffer)))
+            if self.quickack:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            if not data:
+                break
+            self.buffer += data
+        out = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return out
+
+
 class _Association:
     """One association from accept to release/abort, run in its own thread."""
 
@@ -205,7 +237,7 @@ class _Association:
     # -------------------------------------------------------------- protocol
     def run(self) -> None:
         self.sock.settimeout(self.receiver.ACSE_TIMEOUT_S)
-        reader = self.sock.makefile("rb", buffering=256 * 1024)
+        reader = _SocketReader(self.sock)
         try:
             if not self._associate(reader):
                 return
@@ -223,7 +255,6 @@ class _Association:
         except (OSError, ssl.SSLError) as err:
             log.warning("association from %s (%s) lost: %s", self.calling_ae or "?", self.peer, err)
         finally:
-            reader.close()
             self._report()
 
     def _send(self, data: bytes) -> None:
@@ -265,17 +296,9 @@ class _Association:
                   rq.calling_ae, self.peer, len(self.contexts), len(contexts))
         return True
 
-    def _serve(self, reader) -> None:
-        try:
-            quickack = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) is not None
-        except (OSError, AttributeError):
-            quickack = False
+    def _serve(self, reader: "_SocketReader") -> None:
         command, command_parts, data_parts, context_id = None, [], [], None
         while True:
-            if quickack:
-                # ACK at once: a sender with Nagle on (DCMTK's default) holds its data PDU until the command
-                # PDU is ACKed, and Linux would delay that ACK by up to 40 ms.
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             pdu_type, body = ul.read_pdu(reader)
             if pdu_type == ul.P_DATA_TF:
                 for cx, control, fragment in ul.iter_pdvs(body):
