@@ -428,11 +428,6 @@ class Receiver:
             self._feeder.stop()
             log.info("receiver stopped")
 
-    def flush(self) -> None:
-        """Wait until every instance acknowledged so far is in the index."""
-        if self._feeder is not None:
-            self._feeder.flush()
-
     # ------------------------------------------------------------------ associations
     def _handle(self, sock: socket.socket, address) -> None:
         host = address[0] if isinstance(address, tuple) else str(address)

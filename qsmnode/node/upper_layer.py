@@ -18,7 +18,7 @@ body is a list of PDV items ``length (4, BE) | context id (1) | control (1) | fr
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
@@ -117,7 +117,6 @@ class Command:
     sop_instance_uid: str = ""
     has_data_set: bool = False
     move_originator_ae: str = ""
-    other: dict = field(default_factory=dict)
 
 
 _TEXT_TAGS = {0x00000002: "sop_class_uid", 0x00001000: "sop_instance_uid", 0x00001030: "move_originator_ae"}
