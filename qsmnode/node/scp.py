@@ -47,6 +47,7 @@ from qsmnode import __version__
 from qsmnode.dicom.uids import deterministic_uid
 from qsmnode.node import upper_layer as ul
 from qsmnode.node.instance_header import InstanceHeader, MalformedDataset, read_header
+from qsmnode.node.tcp import quick_ack
 
 log = logging.getLogger("qsmnode.receiver")
 
@@ -186,29 +187,18 @@ class _IndexFeeder:
 
 
 class _SocketReader:
-    """Buffered reads from a (TLS) socket that acknowledge every segment at once (``TCP_QUICKACK``).
-
-    A sender with Nagle's algorithm on (DCMTK's default) holds each small write until the previous
-    one is acknowledged, and Linux delays ACKs by up to 40 ms once a connection looks interactive;
-    the quick-ack mode is not sticky, so it is renewed after every ``recv``.
-    """
+    """Buffered reads from a (TLS) socket that acknowledges every segment at once
+    (:func:`qsmnode.node.tcp.quick_ack`: a sender with Nagle on never waits for a delayed ACK)."""
 
     def __init__(self, sock: socket.socket, chunk: int = 256 * 1024):
-        self.sock = sock
+        self.sock = quick_ack(sock)
         self.chunk = chunk
         self.buffer = bytearray()
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            self.quickack = True
-        except (OSError, AttributeError):
-            self.quickack = False
 
     def read(self, n: int) -> bytes:
         """``n`` bytes, or fewer when the peer closed the connection."""
         while len(self.buffer) < n:
             data = self.sock.recv(max(self.chunk, n - len(self.buffer)))
-            if self.quickack:
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             if not data:
                 break
             self.buffer += data
