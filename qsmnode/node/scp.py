@@ -1,11 +1,13 @@
 """The DICOM receiver: C-ECHO and C-STORE SCP, one thread per association.
 
-Every instance is written durably to the spool (file created with ``O_EXCL``, ``fdatasync``) BEFORE
-the success status goes back, so an acknowledged instance survives a crash. The bytes are stored
-exactly as received, behind a File Meta header; pixels are never decoded here. The index row is
-written right after the response by a batching thread (:class:`_IndexFeeder`); a crash in between
-is repaired at start-up by :meth:`qsmnode.node.spool.Spool.reconcile`, because the spool file is
-the record.
+Every instance is made durable by the spool (:meth:`qsmnode.node.spool.Spool.store`: an append
+and ``fdatasync`` to the receive journal, or for large instances a file created with ``O_EXCL``
+and ``fdatasync``ed) BEFORE the success status goes back, so an acknowledged instance survives a
+crash. The bytes are stored exactly as received, behind a File Meta header; pixels are never
+decoded here. The spool file and the index row are written right after the response by a
+batching thread (:class:`_IndexFeeder`); a crash in between is repaired at start-up by
+:meth:`qsmnode.node.spool.Spool.open` (journal replay) and
+:meth:`qsmnode.node.spool.Spool.reconcile` (indexing files the index lacks).
 
 The upper layer is :mod:`qsmnode.node.upper_layer` (pynetdicom negotiates the association; the
 per-instance path is plain ``struct`` work). Each association is a blocking socket read through
@@ -140,12 +142,17 @@ def _peer_allowed(host: str, networks: list) -> bool:
 
 
 class _IndexFeeder:
-    """Records stored instances in the index off the acknowledgement path, many per transaction,
-    then wakes the tracker. ``flush()`` waits until everything queued is in the index."""
+    """Off the acknowledgement path, many per pass: writes the spool files of journaled instances
+    (:meth:`qsmnode.node.spool.Spool.materialize`), records the instances in the index in one
+    transaction, then wakes the tracker. When nothing arrives for ``idle_s`` it checkpoints the
+    spool (syncs the files, recycles the journal). ``flush()`` waits until everything queued is
+    in the index."""
 
-    def __init__(self, index, on_stored: Callable[[], None]):
+    def __init__(self, spool, index, on_stored: Callable[[], None], idle_s: float = 1.0):
+        self.spool = spool
         self.index = index
         self.on_stored = on_stored
+        self.idle_s = idle_s
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="qsmnode-index-feeder", daemon=True)
         self._thread.start()
@@ -165,7 +172,14 @@ class _IndexFeeder:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self.idle_s)
+            except queue.Empty:
+                try:
+                    self.spool.checkpoint(idle=True)
+                except OSError:
+                    log.exception("spool checkpoint failed; the receive journal keeps the instances")
+                continue
             batch = [item]
             while len(batch) < 1000:
                 try:
@@ -175,8 +189,9 @@ class _IndexFeeder:
             rows = [b for b in batch if isinstance(b, tuple)]
             if rows:
                 try:
+                    self.spool.materialize()
                     self.index.add_instances(rows)
-                except Exception:  # noqa: BLE001 - the files are durable; reconcile re-indexes them on restart
+                except Exception:  # noqa: BLE001 - journal/files are durable; a restart replays and re-indexes
                     log.exception("could not index %d received instance(s); a restart will re-index them", len(rows))
                 self.on_stored()
             for b in batch:
@@ -388,7 +403,7 @@ class Receiver:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         cfg = self.config
-        self._feeder = _IndexFeeder(self.index, self.on_stored)
+        self._feeder = _IndexFeeder(self.spool, self.index, self.on_stored)
         receiver = self
 
         class Handler(socketserver.BaseRequestHandler):

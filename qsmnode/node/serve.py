@@ -1,8 +1,8 @@
 """``qsmnode serve``: wire receiver, tracker, worker, dispatcher, retention, HTTP and audit into one node.
 
-On start the node resumes where it stopped: spool files the index lacks are indexed again,
-temporary files and partial outputs are removed, jobs that were running are queued again and the
-dispatcher's outbox carries on. SIGTERM/SIGINT stop it cleanly: the receiver stops taking
+On start the node resumes where it stopped: the receive journal is replayed, spool files the index
+lacks are indexed again, temporary files and partial outputs are removed, jobs that were running
+are queued again and the dispatcher's outbox carries on. SIGTERM/SIGINT stop it cleanly: the receiver stops taking
 associations, a running job's child is killed and its job re-queued, the outbox is kept.
 Logging goes to stderr, one line per event, without patient names (UIDs only).
 """
@@ -130,6 +130,7 @@ class Node:
     def start(self) -> None:
         cfg = self.config
         self.started_at = time.time()
+        self.spool.open()
         added = self.spool.reconcile(self.index)
         if added:
             log.info("resumed: %d spool file(s) were not in the index and were added back", added)
@@ -160,6 +161,7 @@ class Node:
         self._stop.set()
         log.info("stopping")
         self.receiver.stop()
+        self.spool.close()
         self.tracker.stop()
         self.worker.stop()
         self.retention.stop()

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -28,11 +29,15 @@ def mr_bytes(tmp_path, n=0, series=None):
     return ds, p.read_bytes()
 
 
-def test_store_is_durable_exact_and_once(tmp_path):
-    spool = Spool(tmp_path / "s")
+@pytest.mark.parametrize("journal", [True, False], ids=["journaled", "direct"])
+def test_store_is_durable_exact_and_once(tmp_path, journal):
+    spool = Spool(tmp_path / "s", journal=journal)
+    spool.open()
     ds, data = mr_bytes(tmp_path)
     path, stored = spool.store(ds.SeriesInstanceUID, ds.SOPInstanceUID, data)
-    assert stored and path.read_bytes() == data
+    assert stored and spool.exists(ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    spool.materialize()
+    assert path.read_bytes() == data
     assert path == spool.path_for(ds.SeriesInstanceUID, ds.SOPInstanceUID)
     again, stored2 = spool.store(ds.SeriesInstanceUID, ds.SOPInstanceUID, b"something else")
     assert again == path and not stored2 and path.read_bytes() == data
@@ -47,12 +52,14 @@ def test_safe_name_keeps_uids_and_hashes_the_rest():
 
 def test_reconcile_indexes_files_a_crash_left_out_and_quarantines_partial_ones(tmp_path):
     spool = Spool(tmp_path / "s")
+    spool.open()
     index = Index(tmp_path / "s" / "index.sqlite")
     ds1, d1 = mr_bytes(tmp_path, 1)
     ds2, d2 = mr_bytes(tmp_path, 2)
     p1, _ = spool.store(ds1.SeriesInstanceUID, ds1.SOPInstanceUID, d1)
     index.add_instance(ds1.SOPInstanceUID, ds1.SeriesInstanceUID, "1.2.3", p1)
     p2, _ = spool.store(ds2.SeriesInstanceUID, ds2.SOPInstanceUID, d2)  # acknowledged, index insert lost
+    spool.materialize()
     partial = spool.path_for("1.2.3.4", "1.2.3.999")
     partial.write_bytes(d2[: len(d2) // 2])  # a write cut short (never acknowledged)
     (partial.parent / ".junk.tmp").write_bytes(b"x")
@@ -65,10 +72,13 @@ def test_reconcile_indexes_files_a_crash_left_out_and_quarantines_partial_ones(t
 
 def test_remove_files_and_write_durably(tmp_path):
     spool = Spool(tmp_path / "s")
+    spool.open()
     ds, data = mr_bytes(tmp_path)
     path, _ = spool.store(ds.SeriesInstanceUID, ds.SOPInstanceUID, data)
+    spool.materialize()
     assert spool.remove_files([path, path]) == 1 and not path.parent.exists()
     path2, stored = spool.store(ds.SeriesInstanceUID, ds.SOPInstanceUID, data)  # folder comes back
+    spool.materialize()
     assert stored and path2.exists()
     target = tmp_path / "x.json"
     write_durably(target, b"{}")
@@ -86,12 +96,14 @@ def test_retention_deletes_only_delivered_work_after_the_keep_time(tmp_path):
     storage = tmp_path / "s"
     cfg = NodeConfig(storage=storage, retention_hours=1.0, pressure_free_disk_mb=0.0)
     spool, index = Spool(storage), Index(cfg.db_path)
+    spool.open()
     dispatcher = Dispatcher(cfg.db_path, "QSMNODE")  # real outbox, never started: nothing gets delivered
     jobs = {}
     for n, dests in ((1, []), (2, [{"name": "pacs", "kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1",
                                    "port": 1}])):
         ds, data = mr_bytes(tmp_path, n, series=f"1.2.3.{n}")
         path, _ = spool.store(ds.SeriesInstanceUID, ds.SOPInstanceUID, data)
+        spool.materialize()
         index.add_instance(ds.SOPInstanceUID, ds.SeriesInstanceUID, "1.2.3", path, received_at=0.0)
         (row,) = index.unclassified()
         acq = index.record_classification(row, component="magnitude", echo_numbers=(1,), instance_number=1,
