@@ -144,15 +144,16 @@ def _peer_allowed(host: str, networks: list) -> bool:
 class _IndexFeeder:
     """Off the acknowledgement path, many per pass: writes the spool files of journaled instances
     (:meth:`qsmnode.node.spool.Spool.materialize`), records the instances in the index in one
-    transaction, then wakes the tracker. When nothing arrives for ``idle_s`` it checkpoints the
-    spool (syncs the files, recycles the journal). ``flush()`` waits until everything queued is
-    in the index."""
+    transaction, then wakes the tracker. Every ``checkpoint_s`` (or when nothing arrives for that
+    long) it checkpoints the spool: syncs the files and recycles the journal, so no journal record
+    outlives its file by more than a few seconds (retention may delete the file later; a replay
+    must not bring it back). ``flush()`` waits until everything queued is in the index."""
 
-    def __init__(self, spool, index, on_stored: Callable[[], None], idle_s: float = 1.0):
+    def __init__(self, spool, index, on_stored: Callable[[], None], checkpoint_s: float = 2.0):
         self.spool = spool
         self.index = index
         self.on_stored = on_stored
-        self.idle_s = idle_s
+        self.checkpoint_s = checkpoint_s
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="qsmnode-index-feeder", daemon=True)
         self._thread.start()
@@ -171,14 +172,17 @@ class _IndexFeeder:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        last_checkpoint = time.monotonic()
         while True:
-            try:
-                item = self._queue.get(timeout=self.idle_s)
-            except queue.Empty:
+            if time.monotonic() - last_checkpoint >= self.checkpoint_s:
                 try:
                     self.spool.checkpoint(idle=True)
                 except OSError:
                     log.exception("spool checkpoint failed; the receive journal keeps the instances")
+                last_checkpoint = time.monotonic()
+            try:
+                item = self._queue.get(timeout=self.checkpoint_s)
+            except queue.Empty:
                 continue
             batch = [item]
             while len(batch) < 1000:
