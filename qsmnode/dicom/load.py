@@ -119,7 +119,14 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
         and int(ds.get("SamplesPerPixel", 1)) == 1
     ):
         dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_alloc // 8}")
-        arr = np.frombuffer(ds.PixelData, dtype=dtype, count=rows * cols * n)
+        data = ds.PixelData or b""
+        if len(data) < rows * cols * n * dtype.itemsize:
+            raise InputRefused(
+                f"pixel data of {ds.get('SOPInstanceUID', '?')} is truncated ({len(data)} of "
+                f"{rows * cols * n * dtype.itemsize} bytes)",
+                "send the series again: a file is incomplete",
+            )
+        arr = np.frombuffer(data, dtype=dtype, count=rows * cols * n)
         return arr.reshape(n, rows, cols)
     try:
         arr = ds.pixel_array
