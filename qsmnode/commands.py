@@ -166,6 +166,7 @@ def run_process(args) -> int:
                 acquisition, folder, device=args.device, preset=args.preset, overrides=args.overrides,
                 parametric_map=not args.no_parametric_map, progress=report,
                 stage_seconds={"load": load_seconds / len(acquisitions)},
+                on_series=lambda series: report(f"wrote {series.kind}: {len(series.paths)} file(s)"),
             )
         except QsmNodeError as err:
             failures.append(f"acquisition {number}: {err}")

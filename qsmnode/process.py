@@ -3,11 +3,18 @@
 Each step is its own module; this one only strings them together and measures them:
 ``qsmnode.dicom.load`` (vendor-aware decoding) -> ``qsmnode.recon.pipeline`` (maps) ->
 ``qsmnode.dicom.outputs`` (DICOM objects) -> ``qsmnode.dicom.write`` (durable files).
+
+Outputs are streamed: each series (QSM first, in :data:`qsmnode.dicom.outputs.SERIES_ORDER`)
+is built, written durably and reported to ``on_series`` as soon as it is complete, while the
+next one is built (one writer thread beside the building thread). The node's worker uses this
+to send the QSM to PACS while the other series are still being made.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +32,21 @@ class ProcessOutcome:
 
     output_paths: list[Path]
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SeriesWritten:
+    """One output series, complete and durable on disk (files fsynced, their directory too).
+
+    ``kind``: its folder under the output directory (``QSM``, ``SWI``, ``MINIP``, ``R2STAR``,
+    ``SR``, ``QSM_PM``, ``SUMMARY``); ``paths``: its files; ``build_seconds``/``write_seconds``:
+    wall time of building its objects and of writing them.
+    """
+
+    kind: str
+    paths: list[Path]
+    build_seconds: float = 0.0
+    write_seconds: float = 0.0
 
 
 def reconstruct_acquisition(
@@ -82,14 +104,19 @@ def process_acquisition(
     summary_image: bool = True,
     progress: Callable[[str], None] | None = None,
     stage_seconds: dict[str, float] | None = None,
+    on_series: Callable[[SeriesWritten], None] | None = None,
 ) -> ProcessOutcome:
     """Reconstruct a loaded acquisition and write every output into ``output_dir``.
 
-    ``progress`` (optional) is called with a short text before each stage. Nothing is written
-    when reconstruction or output building fails.
+    ``progress`` (optional) is called with a short text before each stage. ``on_series``
+    (optional) is called with each :class:`SeriesWritten` as soon as that series is durable on
+    disk, in :data:`~qsmnode.dicom.outputs.SERIES_ORDER`, from a writer thread (one call at a
+    time) while the next series is built; an exception it raises stops the run and is raised
+    here. Nothing is written when reconstruction fails or the source is refused; when building
+    or writing a later series fails, the series reported before stay on disk (each complete) and
+    the error is raised.
     """
-    from qsmnode.dicom.outputs import build_output_datasets
-    from qsmnode.dicom.write import write_datasets
+    from qsmnode.dicom.outputs import iter_output_series
 
     report = progress or (lambda text: None)
     stage_seconds = dict(stage_seconds or {})
@@ -101,23 +128,80 @@ def process_acquisition(
     for step in result.steps:
         stage_seconds[f"reconstruct.{step.name}"] = step.seconds
 
-    report("building DICOM outputs")
+    report("building and writing DICOM outputs")
     start = time.perf_counter()
-    datasets = build_output_datasets(
-        acquisition, result, parametric_map=parametric_map, summary_image=summary_image
-    )
-    stage_seconds["build_outputs"] = time.perf_counter() - start
-
-    report("writing")
-    start = time.perf_counter()
-    paths = write_datasets(datasets, Path(output_dir))
-    stage_seconds["write"] = time.perf_counter() - start
+    series = iter_output_series(acquisition, result, parametric_map=parametric_map,
+                                summary_image=summary_image)
+    written = write_series(series, Path(output_dir), on_series=on_series)
+    stage_seconds["outputs"] = time.perf_counter() - start  # wall: building and writing overlap
+    stage_seconds["build_outputs"] = sum(w.build_seconds for w in written)
+    stage_seconds["write"] = sum(w.write_seconds for w in written)
+    paths = [p for w in written for p in w.paths]
 
     summary = summarise(acquisition, result, stage_seconds)
     summary["outputs"] = len(paths)
+    summary["series"] = {w.kind: len(w.paths) for w in written}
     summary["output_dir"] = str(output_dir)
     summary["study_instance_uid"] = str(acquisition.header.get("StudyInstanceUID", ""))
     return ProcessOutcome(output_paths=paths, summary=summary)
+
+
+def write_series(
+    series: Iterable[tuple[str, list]],
+    output_dir: Path,
+    *,
+    on_series: Callable[[SeriesWritten], None] | None = None,
+) -> list[SeriesWritten]:
+    """Write each ``(kind, datasets)`` of ``series`` durably under ``output_dir``, in order.
+
+    The calling thread takes (builds) the next series while one writer thread writes the
+    previous one (:func:`qsmnode.dicom.write.write_datasets`: temp file, fsync, rename, directory
+    fsync) and then calls ``on_series`` with it. At most one built series waits for the writer.
+    If building fails, the series already built are still written and reported before the error
+    is raised; if writing or ``on_series`` fails, nothing more is written and that error is
+    raised. Returns the series written, in order.
+    """
+    from qsmnode.dicom.write import write_datasets
+
+    pending: queue.Queue = queue.Queue(maxsize=1)
+    written: list[SeriesWritten] = []
+    failed: list[BaseException] = []
+
+    def writer() -> None:
+        while True:
+            item = pending.get()
+            if item is None:
+                return
+            if failed:
+                continue  # drain: the builder learns of the failure at its next put
+            kind, datasets, build_seconds = item
+            try:
+                t0 = time.perf_counter()
+                paths = write_datasets(datasets, output_dir)
+                done = SeriesWritten(kind, paths, build_seconds, time.perf_counter() - t0)
+                written.append(done)
+                if on_series is not None:
+                    on_series(done)
+            except BaseException as err:  # noqa: BLE001 - raised in the calling thread
+                failed.append(err)
+
+    thread = threading.Thread(target=writer, name="qsmnode-output-writer", daemon=True)
+    thread.start()
+    try:
+        items = iter(series)
+        while not failed:
+            t0 = time.perf_counter()
+            try:
+                kind, datasets = next(items)
+            except StopIteration:
+                break
+            pending.put((kind, list(datasets), time.perf_counter() - t0))
+    finally:
+        pending.put(None)
+        thread.join()
+    if failed:
+        raise failed[0]
+    return written
 
 
 def process_paths(
@@ -130,8 +214,10 @@ def process_paths(
     parametric_map: bool = True,
     summary_image: bool = True,
     progress: Callable[[str], None] | None = None,
+    on_series: Callable[[SeriesWritten], None] | None = None,
 ) -> ProcessOutcome:
-    """Load exactly one acquisition from DICOM files or folders and process it into ``output_dir``.
+    """Load exactly one acquisition from DICOM files or folders and process it into ``output_dir``
+    (``on_series``: see :func:`process_acquisition`).
 
     Raises :class:`qsmnode.errors.InputRefused` / :class:`qsmnode.errors.ReconstructionError`
     with a reason when the input cannot be processed; nothing is written in that case.
@@ -152,4 +238,5 @@ def process_paths(
         summary_image=summary_image,
         progress=progress,
         stage_seconds={"load": time.perf_counter() - start},
+        on_series=on_series,
     )

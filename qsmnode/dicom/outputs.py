@@ -26,6 +26,7 @@ import datetime as _dt
 import io
 import struct
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pydicom
@@ -274,17 +275,23 @@ def _source_sequences(acquisition) -> tuple[list[RawDataElement], list[RawDataEl
 
 
 def qsm_to_ppb(chi_ppm: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Stored QSM values: int16 ppb = clip(rint(chi_ppm * 1000)), 0 outside ``mask`` and at NaN."""
-    chi = np.nan_to_num(np.asarray(chi_ppm, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    ppb = np.clip(np.rint(chi * 1000.0), -32768, 32767)
-    ppb[~np.asarray(mask, dtype=bool)] = 0
-    return ppb.astype(np.int16)
+    """Stored QSM values: int16 ppb = clip(rint(chi_ppm * 1000)), 0 outside ``mask`` and at NaN/inf."""
+    chi = np.array(chi_ppm, dtype=np.float64)  # one float64 copy, then in place
+    chi[~(np.asarray(mask, dtype=bool) & np.isfinite(chi))] = 0.0
+    np.multiply(chi, 1000.0, out=chi)
+    np.rint(chi, out=chi)
+    np.clip(chi, -32768, 32767, out=chi)
+    return chi.astype(np.int16)
 
 
 def r2star_to_stored(r2star_per_s: np.ndarray) -> np.ndarray:
     """Stored R2* values: uint16 = clip(rint(R2* [1/s] * 10), 0, 65535)."""
-    r2 = np.nan_to_num(np.asarray(r2star_per_s, dtype=np.float64), nan=0.0, posinf=6553.5)
-    return np.clip(np.rint(r2 / R2STAR_RESCALE_SLOPE), 0, 65535).astype(np.uint16)
+    r2 = np.array(r2star_per_s, dtype=np.float64)  # one float64 copy, then in place
+    np.nan_to_num(r2, copy=False, nan=0.0, posinf=6553.5)
+    np.divide(r2, R2STAR_RESCALE_SLOPE, out=r2)
+    np.rint(r2, out=r2)
+    np.clip(r2, 0, 65535, out=r2)
+    return r2.astype(np.uint16)
 
 
 def swi_scale(swi: np.ndarray, minip: np.ndarray) -> float:
@@ -296,8 +303,12 @@ def swi_scale(swi: np.ndarray, minip: np.ndarray) -> float:
 
 def magnitude_to_stored(image: np.ndarray, scale: float) -> np.ndarray:
     """uint16 = clip(rint(image * scale), 0, 65535)."""
-    img = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
-    return np.clip(np.rint(img * scale), 0, 65535).astype(np.uint16)
+    img = np.array(image, dtype=np.float64)  # one float64 copy, then in place
+    np.nan_to_num(img, copy=False, nan=0.0)
+    np.multiply(img, scale, out=img)
+    np.rint(img, out=img)
+    np.clip(img, 0, 65535, out=img)
+    return img.astype(np.uint16)
 
 
 def _window(stored: np.ndarray, mask: np.ndarray, slope: float = 1.0) -> tuple[float, float]:
@@ -458,27 +469,32 @@ def classic_stored_arrays(result) -> dict[str, np.ndarray]:
     }
 
 
-def build_output_datasets(
+#: the order in which :func:`iter_output_series` builds the series (and the node writes and sends
+#: them): the susceptibility map first, then what is read beside it, the report, and the rest
+SERIES_ORDER = ("QSM", "SWI", "MINIP", "R2STAR", KIND_SR, KIND_PARAMETRIC_MAP, KIND_SUMMARY)
+
+
+def iter_output_series(
     acquisition,
     result,
     *,
     parametric_map: bool = True,
     summary_image: bool = True,
     software_version: str = qsmnode.__version__,
-) -> list[Dataset]:
-    """Every output object for one reconstructed acquisition.
+) -> Iterator[tuple[str, list[Dataset]]]:
+    """Every output object for one reconstructed acquisition, one series at a time.
 
-    Returns, in order: the QSM, SWI, MINIP and R2STAR series (one classic MR instance per
-    slice), the float32 Parametric Map of the QSM in ppm (if ``parametric_map``), the
-    Comprehensive 3D SR (TID 1500) with findings, measurements, quality figures and provenance,
-    and the summary Secondary Capture image(s) (if ``summary_image``). Runs the findings
-    detection (:func:`qsmnode.report.findings.find_foci`) itself.
+    Yields ``(kind, datasets)`` in :data:`SERIES_ORDER`: the QSM, SWI, MINIP and R2STAR series
+    (one classic MR instance per slice), the Comprehensive 3D SR (TID 1500) with findings,
+    measurements, quality figures and provenance, the float32 Parametric Map of the QSM in ppm
+    (if ``parametric_map``) and the summary Secondary Capture image(s) (if ``summary_image``).
+    Each series is built only when the previous one has been taken, so a caller can write and
+    send the QSM while the rest is built. Runs the findings detection
+    (:func:`qsmnode.report.findings.find_foci`) itself, before the SR.
+
+    Raises :class:`InputRefused` when the source cannot carry derived objects (no frame of
+    reference, no study): at the call, before anything is built.
     """
-    from qsmnode.dicom.parametric_map import build_parametric_map
-    from qsmnode.report.findings import find_foci
-    from qsmnode.report.sr import build_measurement_report
-    from qsmnode.report.summary_image import build_summary_images
-
     if not acquisition.header.get("FrameOfReferenceUID"):
         raise InputRefused(
             "the source series has no FrameOfReferenceUID, so derived images cannot be placed "
@@ -487,28 +503,53 @@ def build_output_datasets(
     if not acquisition.header.get("StudyInstanceUID"):
         raise InputRefused("the source series has no StudyInstanceUID, so outputs cannot be "
                            "filed into its study", "send the original scanner series")
+    return _series(acquisition, result, parametric_map, summary_image, str(software_version))
+
+
+def _series(acquisition, result, parametric_map: bool, summary_image: bool,
+            software_version: str) -> Iterator[tuple[str, list[Dataset]]]:
+    from qsmnode.dicom.parametric_map import build_parametric_map
+    from qsmnode.report.findings import find_foci
+    from qsmnode.report.sr import build_measurement_report
+    from qsmnode.report.summary_image import build_summary_images
+
     when = _dt.datetime.now()
-    software_version = str(software_version)
-    stored = classic_stored_arrays(result)
     sequences = _source_sequences(acquisition)
-    datasets: list[Dataset] = []
-    by_kind: dict[str, list[Dataset]] = {}
-    for kind in CLASSIC_KINDS:
-        series = build_classic_series(acquisition, result, kind, stored[kind],
-                                      software_version=software_version, when=when,
-                                      source_sequences=sequences)
-        by_kind[kind] = series
-        datasets.extend(series)
+
+    def classic(kind: str, stored: np.ndarray) -> list[Dataset]:
+        return build_classic_series(acquisition, result, kind, stored, software_version=software_version,
+                                    when=when, source_sequences=sequences)
+
+    qsm = classic("QSM", qsm_to_ppb(result.chi_ppm, result.mask))
+    yield "QSM", qsm
+    scale = swi_scale(np.asarray(result.swi), np.asarray(result.minip))
+    yield "SWI", classic("SWI", magnitude_to_stored(result.swi, scale))
+    yield "MINIP", classic("MINIP", magnitude_to_stored(result.minip, scale))
+    yield "R2STAR", classic("R2STAR", r2star_to_stored(result.r2star_per_s))
     foci = find_foci(result.chi_ppm, result.mask, acquisition.voxel_size_mm)
+    yield KIND_SR, [build_measurement_report(acquisition, result, foci, qsm,
+                                             software_version=software_version)]
     if parametric_map:
-        datasets.append(build_parametric_map(acquisition, result, by_kind["QSM"],
-                                             software_version=software_version))
-    datasets.append(build_measurement_report(acquisition, result, foci, by_kind["QSM"],
-                                             software_version=software_version))
+        yield KIND_PARAMETRIC_MAP, [build_parametric_map(acquisition, result, qsm,
+                                                         software_version=software_version)]
     if summary_image:
-        datasets.extend(build_summary_images(acquisition, result, foci,
-                                             software_version=software_version, when=when))
-    return datasets
+        yield KIND_SUMMARY, list(build_summary_images(acquisition, result, foci,
+                                                      software_version=software_version, when=when))
+
+
+def build_output_datasets(
+    acquisition,
+    result,
+    *,
+    parametric_map: bool = True,
+    summary_image: bool = True,
+    software_version: str = qsmnode.__version__,
+) -> list[Dataset]:
+    """Every output object for one reconstructed acquisition, in one list (the series of
+    :func:`iter_output_series`, in its order)."""
+    return [ds for _kind, series in iter_output_series(
+        acquisition, result, parametric_map=parametric_map, summary_image=summary_image,
+        software_version=software_version) for ds in series]
 
 
 def contributing_equipment_hd(header: Dataset, software_version: str):

@@ -322,3 +322,54 @@ def test_dciodvfy_helper_reports_errors(tmp_path):
     assert errors
     with pytest.raises(AssertionError):
         dciodvfy.assert_valid(path)
+
+
+def test_series_are_written_and_reported_one_at_a_time_most_important_first(tmp_path):
+    """``write_series`` reports each series once it is durable, in SERIES_ORDER; while the QSM is
+    being reported nothing after it is on disk (one writer), and the files are the ones that
+    ``build_output_datasets`` gives."""
+    from qsmnode.dicom.outputs import SERIES_ORDER, iter_output_series
+    from qsmnode.process import write_series
+
+    acquisition, result = synthetic_case(shape=(12, 10, 6))
+    reports = []
+
+    def on_series(series):
+        on_disk = sorted(d.name for d in tmp_path.iterdir() if d.is_dir())
+        reports.append((series.kind, on_disk, all(p.is_file() for p in series.paths)))
+
+    written = write_series(iter_output_series(acquisition, result), tmp_path, on_series=on_series)
+    assert [w.kind for w in written] == list(SERIES_ORDER)
+    for n, (kind, on_disk, complete) in enumerate(reports):
+        assert kind == SERIES_ORDER[n] and complete
+        assert on_disk == sorted(SERIES_ORDER[:n + 1]), (kind, on_disk)
+    expected = build_output_datasets(acquisition, result)
+    uids = [pydicom.dcmread(p).SOPInstanceUID for w in written for p in w.paths]
+    assert uids == [d.SOPInstanceUID for d in expected]
+
+
+def test_a_failure_while_building_keeps_the_series_written_before(tmp_path):
+    from qsmnode.dicom.outputs import iter_output_series
+    from qsmnode.process import write_series
+
+    acquisition, result = synthetic_case(shape=(12, 10, 6))
+    reported = []
+
+    def failing():
+        for n, item in enumerate(iter_output_series(acquisition, result)):
+            if n == 2:
+                raise RuntimeError("cannot build MINIP")
+            yield item
+
+    with pytest.raises(RuntimeError, match="cannot build MINIP"):
+        write_series(failing(), tmp_path, on_series=lambda s: reported.append(s.kind))
+    assert reported == ["QSM", "SWI"]
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["QSM", "SWI"]
+    assert len(list((tmp_path / "QSM").glob("*.dcm"))) == 6
+
+    def refusing_callback(series):
+        raise OSError("the parent is gone")
+
+    with pytest.raises(OSError, match="the parent is gone"):  # nothing after a failed report
+        write_series(iter_output_series(acquisition, result), tmp_path / "again", on_series=refusing_callback)
+    assert sorted(d.name for d in (tmp_path / "again").iterdir()) == ["QSM"]
