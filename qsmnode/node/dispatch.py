@@ -8,6 +8,10 @@ per batch; failures are retried with exponential back-off with jitter ("equal ji
 Brooker, AWS Architecture Blog 2015: delay = d/2 + U(0, d/2), d = min(max_delay_s,
 base_delay_s * 2**(attempt-1))).
 
+A job may hand its outputs over in pieces (the worker enqueues each series as soon as it is
+written): between :meth:`Dispatcher.open_job` and :meth:`Dispatcher.close_job` the job's delivery
+stays pending, so it is "sent" only when the finished job's every piece is.
+
 Two kinds of failure are told apart:
 
 - the destination cannot be reached (connection refused, association rejected/aborted, HTTP
@@ -233,6 +237,10 @@ CREATE TABLE IF NOT EXISTS outbox_destination (
     config_json TEXT NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outbox_open (             -- jobs still making outputs (more to come)
+    job_id TEXT PRIMARY KEY,
+    opened_at REAL NOT NULL
+);
 """
 
 
@@ -301,7 +309,8 @@ class Delivery:
 
     ``failure``: why the first given-up file failed (``None`` when none did); ``last_error``: the
     error of the latest failed try of a file still pending; ``next_attempt_at``: unix time (s) of
-    the next try of a pending file.
+    the next try of a pending file; ``producing``: the job is still making outputs, so more files
+    will come (:meth:`Dispatcher.open_job`).
     """
 
     destination: str
@@ -311,11 +320,13 @@ class Delivery:
     failure: str | None = None
     last_error: str | None = None
     next_attempt_at: float | None = None
+    producing: bool = False
 
     @property
     def state(self) -> str:
-        """``"pending"`` (something still to try), ``"failed"`` (some file given up) or ``"sent"``."""
-        return "pending" if self.pending else "failed" if self.failed else "sent"
+        """``"pending"`` (something still to try, or more files to come), ``"failed"`` (some file
+        given up) or ``"sent"``."""
+        return "pending" if self.pending or self.producing else "failed" if self.failed else "sent"
 
 
 def delivery_state(deliveries: Iterable[Delivery]) -> str:
@@ -334,24 +345,32 @@ SELECT job_id, destination, coalesce(sum(state='sent'), 0), coalesce(sum(state='
           AND f.state='failed' ORDER BY f.path LIMIT 1),
        (SELECT last_error FROM outbox p WHERE p.job_id=o.job_id AND p.destination=o.destination
           AND p.state='pending' AND p.last_error IS NOT NULL ORDER BY p.next_attempt_at DESC LIMIT 1),
-       min(CASE WHEN state='pending' THEN next_attempt_at END)
+       min(CASE WHEN state='pending' THEN next_attempt_at END),
+       {producing}
 FROM outbox o {where} GROUP BY job_id, destination ORDER BY job_id, destination
 """
+_PRODUCING_SQL = "EXISTS (SELECT 1 FROM outbox_open x WHERE x.job_id=o.job_id)"
 
 
 def _deliveries(conn: sqlite3.Connection, job_ids: list[str] | None) -> dict[str, list[Delivery]]:
     """job id -> its :class:`Delivery` per destination, read on ``conn`` (``None``: every job)."""
     out: dict[str, list[Delivery]] = {}
+    producing = _PRODUCING_SQL if _has_table(conn, "outbox_open") else "0"  # an index from before
     chunks = [None] if job_ids is None else [job_ids[k:k + 500] for k in range(0, len(job_ids), 500)]
     for chunk in chunks:
         where = "" if chunk is None else f"WHERE job_id IN ({','.join('?' * len(chunk))})"
-        for job_id, *row in conn.execute(_DELIVERY_SQL.format(where=where), chunk or ()):
+        for job_id, *row in conn.execute(_DELIVERY_SQL.format(where=where, producing=producing), chunk or ()):
+            row[-1] = bool(row[-1])
             out.setdefault(job_id, []).append(Delivery(*row))
     return out
 
 
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+
 def _has_outbox(conn: sqlite3.Connection) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='outbox'").fetchone() is not None
+    return _has_table(conn, "outbox")
 
 
 def read_deliveries(db_path: str | os.PathLike, job_ids: Iterable[str] | None = None
@@ -422,6 +441,13 @@ class Dispatcher:
     ``on_job_done(job_id, state, reason)`` is called (from a worker thread) when a job's dispatch
     ends, ``state`` ``"sent"`` or ``"failed"``. Files that another process puts back in the outbox
     (``qsmnode retry``, :func:`requeue_deliveries`) are picked up within ``poll_s`` seconds.
+
+    A job may hand over its outputs in pieces (one series at a time, while it makes the next):
+    :meth:`open_job` when a run of the job starts, :meth:`enqueue` per piece, :meth:`close_job`
+    when the run ends (done or failed). While a job is open its delivery stays ``"pending"``
+    (``Delivery.producing``) even when every file enqueued so far is sent: it is ``"sent"`` (and
+    ``on_job_done`` is called) only once the job is closed and everything it enqueued is sent.
+    A job that is enqueued without :meth:`open_job` is complete with its first enqueue (as before).
     """
 
     #: how often (s) a running dispatcher looks for destinations with pending files but no worker
@@ -458,6 +484,8 @@ class Dispatcher:
         self._watcher: threading.Thread | None = None
         self._running = False
         self._local = threading.local()
+        self._finish_lock = threading.Lock()
+        self._announced: dict[tuple[str, str | None], str] = {}  # (job, destination or None) -> state said
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._conn().executescript(_SCHEMA)
         self._update_pending_gauge()
@@ -487,6 +515,45 @@ class Dispatcher:
             self.metrics.outbox_pending.set(n)
 
     # ------------------------------------------------------------------ public API
+    def open_job(self, job_id: str) -> None:
+        """A run of ``job_id`` starts making outputs: hold its delivery open until :meth:`close_job`.
+
+        What an earlier run of the job left in the outbox is dropped (sent, pending or given up):
+        the new run replaces those files and enqueues them again, so each is sent once more (same
+        SOP Instance UIDs, which the destination stores once). A batch being sent at this moment
+        still goes out; its results no longer change anything. Durable: a node that crashes keeps
+        the job open until its next run opens it again.
+        """
+        now = time.time()
+        with self._finish_lock:
+            with self._db() as db:
+                db.execute("DELETE FROM outbox WHERE job_id=?", (job_id,))
+                db.execute("INSERT OR REPLACE INTO outbox_open(job_id, opened_at) VALUES (?,?)", (job_id, now))
+            self._forget_announced(job_id)
+        self._update_pending_gauge()
+
+    def close_job(self, job_id: str) -> None:
+        """The run of ``job_id`` has made all the outputs it will make (done or failed): its delivery
+        is decided by the files enqueued so far. When they are all settled already, the job's
+        dispatch ends now (audit record, ``on_job_done``)."""
+        with self._db() as db:
+            db.execute("DELETE FROM outbox_open WHERE job_id=?", (job_id,))
+        for (name,) in self._query("SELECT DISTINCT destination FROM outbox WHERE job_id=? ORDER BY destination",
+                                   (job_id,)):
+            try:
+                dest = self._destination(name)
+            except Exception:  # noqa: BLE001 - no stored configuration: nothing to say about it
+                continue
+            self._finish_job_if_done(job_id, dest, 0.0)
+
+    def job_open(self, job_id: str) -> bool:
+        """True while a run of ``job_id`` is making outputs (between :meth:`open_job` and :meth:`close_job`)."""
+        return bool(self._query("SELECT 1 FROM outbox_open WHERE job_id=?", (job_id,)))
+
+    def _forget_announced(self, job_id: str) -> None:
+        for key in [k for k in self._announced if k[0] == job_id]:
+            del self._announced[key]
+
     def enqueue(self, job_id: str, destination: Destination, paths: list[Path]) -> None:
         """Put ``paths`` (DICOM Part 10 files) in the outbox for ``destination``, durably.
 
@@ -521,6 +588,8 @@ class Dispatcher:
                 "VALUES (?,?,?,?,?,?,'pending',?,?)",
                 [(job_id, destination.name, p, c, t, s, now, now) for p, c, t, s in rows])
             _requeue(db, job_id, now, destination.name)
+        with self._finish_lock:
+            self._forget_announced(job_id)
         self._update_pending_gauge()
         if self.audit is not None:
             self.audit.record("dispatch_queued", job_id=job_id, destination=destination.name,
@@ -579,14 +648,16 @@ class Dispatcher:
         return n
 
     def job_dispatched(self, job_id: str) -> bool:
-        """True when every destination of ``job_id`` has every file (False if none was enqueued)."""
+        """True when every destination of ``job_id`` has every file (False if none was enqueued, or
+        while the job is open: more files to come)."""
         (total, sent), = self._query(
             "SELECT count(*), coalesce(sum(state='sent'), 0) FROM outbox WHERE job_id=?", (job_id,))
-        return total > 0 and total == sent
+        return total > 0 and total == sent and not self.job_open(job_id)
 
     def job_state(self, job_id: str) -> str:
-        """``"unknown"`` (nothing enqueued), ``"pending"`` (something still to try), ``"failed"``
-        (nothing left to try and some file was given up) or ``"sent"`` (everything delivered)."""
+        """``"unknown"`` (nothing enqueued), ``"pending"`` (something still to try, or the job is
+        open: more files to come), ``"failed"`` (nothing left to try and some file was given up) or
+        ``"sent"`` (everything delivered)."""
         return delivery_state(self.job_deliveries(job_id))
 
     def job_deliveries(self, job_id: str) -> list[Delivery]:
@@ -695,8 +766,8 @@ class Dispatcher:
         when = time.time() + delay
         with self._db() as db:
             db.executemany("UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? "
-                           "WHERE rowid=? AND state='pending'",
-                           [(when, reason, i.rowid) for i in items])
+                           "WHERE rowid=? AND created_at=? AND state='pending'",
+                           [(when, reason, i.rowid, i.created_at) for i in items])
             # the destination is down for every other pending file too: do not hammer it
             db.execute("UPDATE outbox SET next_attempt_at=? WHERE destination=? AND state='pending' "
                        "AND next_attempt_at<?", (when, dest.name, when))
@@ -719,19 +790,25 @@ class Dispatcher:
             if i.rowid not in results:
                 continue
             err = results[i.rowid]
+            # rowid and created_at: a row that open_job dropped (and whose rowid a new row got)
+            # is not touched
             if err is None:
-                sent.append((now, i.rowid))
+                sent.append((now, i.rowid, i.created_at))
             elif i.refusals + 1 >= self.max_refusals:
-                gave_up.append((f"{err}; refused {i.refusals + 1} times, gave up", i.rowid))
+                gave_up.append((f"{err}; refused {i.refusals + 1} times, gave up", i.rowid, i.created_at))
             else:
                 delay = backoff_delay_s(i.refusals + 1, self.base_delay_s, self.max_delay_s, self._rng)
-                refused.append((now + delay, err, i.rowid))
+                refused.append((now + delay, err, i.rowid, i.created_at))
+        with self._finish_lock:  # new results: the jobs' outcome may be said again (a retry)
+            for job_id in {i.job_id for i in items if i.rowid in results}:
+                self._forget_announced(job_id)
         with self._db() as db:
-            db.executemany("UPDATE outbox SET state='sent', sent_at=?, last_error=NULL WHERE rowid=?", sent)
+            db.executemany("UPDATE outbox SET state='sent', sent_at=?, last_error=NULL "
+                           "WHERE rowid=? AND created_at=?", sent)
             db.executemany("UPDATE outbox SET attempts=attempts+1, refusals=refusals+1, "
-                           "next_attempt_at=?, last_error=? WHERE rowid=?", refused)
+                           "next_attempt_at=?, last_error=? WHERE rowid=? AND created_at=?", refused)
             db.executemany("UPDATE outbox SET state='failed', attempts=attempts+1, "
-                           "refusals=refusals+1, last_error=? WHERE rowid=?", gave_up)
+                           "refusals=refusals+1, last_error=? WHERE rowid=? AND created_at=?", gave_up)
         if self.metrics is not None:
             m = self.metrics
             m.stage_seconds.labels(stage="dispatch").observe(seconds)
@@ -750,25 +827,36 @@ class Dispatcher:
             self._finish_job_if_done(job_id, dest, seconds)
 
     def _finish_job_if_done(self, job_id: str, dest: Destination, batch_seconds: float) -> None:
-        (total, sent, failed, first, last, attempts), = self._query(
-            "SELECT count(*), coalesce(sum(state='sent'),0), coalesce(sum(state='failed'),0), "
-            "min(created_at), max(sent_at), max(attempts) FROM outbox WHERE job_id=? AND destination=?",
-            (job_id, dest.name))
-        if sent + failed < total:
-            return
-        if failed:
-            reasons = self.job_failures(job_id)
-            if self.audit is not None:
-                self.audit.record("dispatch_failed", job_id=job_id, destination=dest.name,
-                                  failed=failed, sent=sent, reason=reasons[0] if reasons else "")
-            log.error("job %s: %d of %d files could not be delivered to %s: %s", job_id, failed, total,
-                      dest.describe(), reasons[0] if reasons else "")
-        elif self.audit is not None:
-            self.audit.record("sent", job_id=job_id, destination=dest.name, instances=total,
-                              seconds_since_queued=round((last or time.time()) - first, 3),
-                              batch_seconds=round(batch_seconds, 3), failed_attempts=attempts)
-        state = self.job_state(job_id)
-        if state in ("sent", "failed") and self.on_job_done is not None:
+        """When ``job_id`` is closed and every file of it at ``dest`` is settled: say so (audit, log),
+        once; when that settles the whole job, call ``on_job_done`` (once per outcome)."""
+        with self._finish_lock:
+            if self.job_open(job_id):
+                return  # more files to come: the job is not delivered yet
+            (total, sent, failed, first, last, attempts), = self._query(
+                "SELECT count(*), coalesce(sum(state='sent'),0), coalesce(sum(state='failed'),0), "
+                "min(created_at), max(sent_at), max(attempts) FROM outbox WHERE job_id=? AND destination=?",
+                (job_id, dest.name))
+            if total == 0 or sent + failed < total:
+                return
+            dest_state = "failed" if failed else "sent"
+            if self._announced.get((job_id, dest.name)) != dest_state:
+                self._announced[(job_id, dest.name)] = dest_state
+                if failed:
+                    reasons = self.job_failures(job_id)
+                    if self.audit is not None:
+                        self.audit.record("dispatch_failed", job_id=job_id, destination=dest.name,
+                                          failed=failed, sent=sent, reason=reasons[0] if reasons else "")
+                    log.error("job %s: %d of %d files could not be delivered to %s: %s", job_id, failed,
+                              total, dest.describe(), reasons[0] if reasons else "")
+                elif self.audit is not None:
+                    self.audit.record("sent", job_id=job_id, destination=dest.name, instances=total,
+                                      seconds_since_queued=round((last or time.time()) - first, 3),
+                                      batch_seconds=round(batch_seconds, 3), failed_attempts=attempts)
+            state = self.job_state(job_id)
+            if state not in ("sent", "failed") or self._announced.get((job_id, None)) == state:
+                return
+            self._announced[(job_id, None)] = state
+        if self.on_job_done is not None:
             try:
                 self.on_job_done(job_id, state, "; ".join(self.job_failures(job_id)) or None)
             except Exception:

@@ -5,8 +5,11 @@ them (``queued``, or ``failed`` for an incomplete acquisition), the worker moves
 ``running`` to ``done`` or ``failed`` (with the reason) and hands a done job's outputs to the
 dispatcher's outbox (:mod:`qsmnode.node.dispatch`), which delivers them to each destination.
 A job's *delivery* is read from the outbox: ``delivered`` (every destination has every file),
-``delivering`` (files still to try), ``failed`` (nothing left to try, some file given up, with
-the reason) or ``None`` (nothing to deliver).
+``delivering`` (files still to try, or the job is still making outputs: the worker hands each
+series over as soon as it is written), ``failed`` (nothing left to try, some file given up, with
+the reason) or ``None`` (nothing to deliver). A job that failed after some of its series were
+handed over keeps them (they are complete): its state is ``failed`` with the reason, and its
+delivery says where those series stand.
 
 ``qsmnode retry`` puts a failed job back to ``queued`` (it is reconstructed again); for a done job
 whose delivery failed or is still waiting, it queues the undelivered files again for now, without
@@ -52,7 +55,8 @@ def delivery_of(deliveries: list[Delivery]) -> dict[str, Any]:
     return {"state": _DELIVERY_WORDS[delivery_state(deliveries)], "reason": failure or retrying,
             "destinations": [{"name": d.destination, "sent": d.sent, "pending": d.pending, "failed": d.failed,
                               "failure": d.failure, "last_error": d.last_error,
-                              "next_attempt_at": d.next_attempt_at} for d in deliveries]}
+                              "next_attempt_at": d.next_attempt_at, "producing": d.producing}
+                             for d in deliveries]}
 
 
 def list_jobs(index: Index, state: str | None = None, limit: int = 100,
@@ -110,6 +114,8 @@ def _age(t: float | None, now: float) -> str:
 
 def _destination_line(d: dict[str, Any], now: float) -> str:
     line = f"{d['sent']} sent, {d['pending']} pending, {d['failed']} failed"
+    if d.get("producing"):
+        line += ", more to come"
     if d["pending"] and d.get("next_attempt_at"):
         wait = d["next_attempt_at"] - now
         line += ", next try " + (f"in {_duration(wait)}" if wait >= 1 else "now")

@@ -140,7 +140,7 @@ def test_jobs_shows_delivery_and_retry_redelivers_without_reconstructing(pacs, t
     assert rows[job_a]["delivery"]["state"] == "failed"
     assert rows[job_a]["delivery"]["destinations"] == [
         {"name": "pacs", "sent": 3, "pending": 0, "failed": 2, "failure": rows[job_a]["delivery"]["reason"][6:],
-         "last_error": None, "next_attempt_at": None}]
+         "last_error": None, "next_attempt_at": None, "producing": False}]
     assert rows[job_b]["delivery"]["state"] == "delivering"
     assert rows[job_b]["delivery"]["destinations"][0]["pending"] == 2
     assert [j["id"] for j in json.loads(_jobs(capsys, storage, "--delivery", "failed", "--json"))] == [job_a]
@@ -276,3 +276,62 @@ def test_serve_passes_the_dispatch_table_to_the_dispatcher(tmp_path):
     finally:
         node.index.close()
         node.audit.close()
+
+
+def test_a_job_handed_over_in_pieces_is_delivered_only_when_closed_and_all_sent(pacs, tmp_path, capsys):
+    """The worker enqueues each series as it is written: sending the first piece must not make the
+    job 'delivered'; only close_job (the job finished) with everything sent does, once."""
+    pacs.refuse = False
+    storage = tmp_path / "node"
+    index = Index(storage / "index.sqlite")
+    to_pacs = Destination.parse_address(f"PACS@127.0.0.1:{pacs.port}", name="pacs")
+    qsm = _mr_files(storage / "outputs" / "job-1-1" / "QSM", 3, "QSM")
+    swi = _mr_files(storage / "outputs" / "job-1-1" / "SWI", 2, "SWI")
+    job = index.create_job(1, 1, rule="default", preset="auto",
+                           destinations=[{"name": "pacs", "kind": "dimse", "ae_title": "PACS",
+                                          "host": "127.0.0.1", "port": pacs.port}])
+    assert index.claim_next_job()["id"] == job
+    done: list[tuple] = []
+    d = Dispatcher(index.path, "QSMNODE", base_delay_s=0.05, max_delay_s=0.2,
+                   on_job_done=lambda *a: done.append(a))
+    with d:
+        d.open_job(job)
+        assert d.job_state(job) == "unknown"  # nothing made yet
+        d.enqueue(job, to_pacs, qsm)
+        assert _wait(lambda: {p.name for p in qsm} <= _sent_names(d, job))
+        time.sleep(0.3)  # the worker thread has settled the batch
+        # the first piece is at the PACS, but the job is still making outputs
+        assert d.job_state(job) == "pending" and not d.job_dispatched(job) and done == []
+        (delivery,) = d.job_deliveries(job)
+        assert delivery.sent == 3 and delivery.pending == 0 and delivery.producing
+        out = _jobs(capsys, storage)
+        assert "delivering" in next(line for line in out.splitlines() if line.startswith(job))
+        assert "3 sent, 0 pending, 0 failed, more to come" in out
+        d.enqueue(job, to_pacs, swi)
+        assert _wait(lambda: d.job_deliveries(job)[0].sent == 5)
+        time.sleep(0.3)
+        assert d.job_state(job) == "pending" and done == []
+        index.finish_job(job, "done", output_dir=str(storage / "outputs" / job))
+        d.close_job(job)  # everything was sent already: the job's dispatch ends now
+        assert d.job_state(job) == "sent" and d.job_dispatched(job)
+        assert done == [(job, "sent", None)]
+        d.close_job(job)  # said once
+        assert done == [(job, "sent", None)]
+        out = _jobs(capsys, storage)
+        assert "delivered" in next(line for line in out.splitlines() if line.startswith(job))
+        assert "5 sent, 0 pending, 0 failed" in out and "more to come" not in out
+
+        # a re-run of the job starts over: what the earlier run enqueued is dropped, sent again
+        d.open_job(job)
+        assert d.job_state(job) == "unknown" and not d.job_dispatched(job)
+        d.enqueue(job, to_pacs, qsm)
+        d.close_job(job)  # this run failed after its first series: that series is its delivery
+        assert _wait(lambda: d.job_state(job) == "sent")
+        assert _wait(lambda: len(done) == 2) and done[-1] == (job, "sent", None)
+        assert d.job_deliveries(job)[0].sent == 3
+    assert len(pacs.stored) == 5  # the PACS keeps one copy of each SOP instance
+    index.close()
+
+
+def _sent_names(d: Dispatcher, job_id: str) -> set[str]:
+    return {Path(p).name for (p,) in d._query("SELECT path FROM outbox WHERE job_id=? AND state='sent'", (job_id,))}
