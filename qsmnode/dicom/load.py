@@ -13,6 +13,18 @@ Steps (one pass over the headers, then one decode of the pixels that are used):
 4. decode pixels, apply the vendor rules (rescale, phase scaling to radians, phase sign,
    GE alternate-slice pi offset) and return the complex signal on the array axes of DESIGN.md.
 
+Parallel reading (``workers``): step 1 and the pixel decoding are per file, and most of the time
+on a full-size series. With many files (:data:`qsmnode.dicom.readpool.MIN_FILES` or more, paths
+rather than Datasets) they run in worker processes over contiguous chunks of the sorted file list
+(:mod:`qsmnode.dicom.readpool`: start method, shared-memory pixel transport); each worker sends
+back, per instance, the classification, the image records, a few header facts and the decoded
+stored pixels, not the Dataset. The parent deduplicates in file order, groups and assembles
+exactly as the serial path does; the one or two Datasets the assembler reads beyond those facts
+(the first instance, the header's reference instance) are read again from their files. A pixel
+decode that fails in a worker is redone in the parent, so the refusal is the serial one; a pool
+that fails as a whole (a worker died) falls back to the serial path. Results are identical to
+``workers=1``: same arrays bit for bit, header, provenance, warnings and refusals.
+
 Memory layout: ``Acquisition.signal`` is complex64 ``[i, j, k, echo]`` in Fortran order (a view
 of ``[echo, k, j, i]`` planes), so each echo volume ``signal[..., e]`` is one contiguous block and
 ``signal[:, :, k, e] == pixel_array.T`` without copies. Use ``np.ascontiguousarray`` where a
@@ -22,9 +34,11 @@ C-ordered array is required.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
@@ -34,8 +48,10 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from qsmnode.acquisition import Acquisition, SourceReference, b0_tesla_from_frequency
-from qsmnode.dicom import classify, frames, geometry, vendors
+from qsmnode.dicom import classify, frames, geometry, readpool, vendors
 from qsmnode.errors import InputRefused
+
+log = logging.getLogger(__name__)
 
 #: elements larger than this are read from disk only when used (pixel data, CSA headers)
 DEFER_SIZE_BYTES = 2048
@@ -50,13 +66,74 @@ _HEADER_SKIP = {
 }
 
 
-@dataclass
 class _Instance:
-    label: str
-    ds: Dataset
-    info: classify.InstanceInfo
-    records: list[frames.ImageRecord]
-    pixels: np.ndarray | None = None  # stored values (frames, rows, cols), decoded once
+    """One usable instance: classification, image records, header (``ds``) and stored pixels.
+
+    An instance read by a worker process arrives without its Dataset (pickling one costs more
+    than parsing it) and reads its file again when ``ds`` is first used: the assembler does that
+    for one or two instances per acquisition. What grouping and assembly read for every instance
+    are the cached properties in :attr:`FACTS`, which the worker computes before it drops the
+    Dataset (one that raises is left to the parent, where it raises as in the serial path).
+    """
+
+    FACTS = ("series_label", "acquisition_time", "matrix", "sop_class_uid", "enhanced")
+
+    def __init__(
+        self,
+        label: str,
+        ds: Dataset | None,
+        info: classify.InstanceInfo,
+        records: list[frames.ImageRecord],
+        path: Path | None = None,
+    ):
+        self.label = label
+        self._ds = ds
+        self.path = path
+        self.info = info
+        self.records = records
+        self.pixels: np.ndarray | None = None  # stored values (frames, rows, cols), decoded once
+
+    def __getstate__(self):  # to the parent: no Dataset, pixels travel separately
+        state = self.__dict__.copy()
+        state["_ds"] = None
+        state["pixels"] = None
+        return state
+
+    @property
+    def ds(self) -> Dataset:
+        if self._ds is None:
+            ds = _read(self.path) if self.path is not None else None
+            if ds is None or str(ds.get("SOPInstanceUID", "") or "") != self.info.sop_instance_uid:
+                raise InputRefused(
+                    f"{self.label} changed or disappeared while the series was being loaded",
+                    "send the series again and leave its files alone until it is processed",
+                )
+            self._ds = ds
+        return self._ds
+
+    @cached_property
+    def series_label(self) -> str:
+        ds = self.ds
+        return f"series {ds.get('SeriesNumber', '?')} '{ds.get('SeriesDescription', '') or ''}'"
+
+    @cached_property
+    def acquisition_time(self) -> str:
+        ds = self.ds
+        return str(ds.get("AcquisitionDateTime", "") or "") or (
+            str(ds.get("AcquisitionDate", "") or "") + str(ds.get("AcquisitionTime", "") or "")
+        )
+
+    @cached_property
+    def matrix(self) -> tuple[int, int]:
+        return int(self.ds.Rows), int(self.ds.Columns)
+
+    @cached_property
+    def sop_class_uid(self) -> str:
+        return str(self.ds.SOPClassUID)
+
+    @cached_property
+    def enhanced(self) -> bool:
+        return frames.is_enhanced(self.ds)
 
 
 @dataclass
@@ -141,15 +218,20 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
 # --------------------------------------------------------------------------- public API
 
 
-def load_acquisitions(sources) -> list[Acquisition]:
+def load_acquisitions(sources, workers: int | None = None) -> list[Acquisition]:
     """Load every usable multi-echo GRE acquisition from ``sources``.
 
     ``sources``: iterable of file paths, folders (searched recursively) or pydicom Datasets.
     Returns the acquisitions found (complex signal ``[i, j, k, echo]``, echo times in s, B0 in T
     from ImagingFrequency, LPS affine in mm). Raises :class:`InputRefused` naming every reason
     when none is usable; acquisitions that are refused next to usable ones are skipped.
+
+    ``workers``: processes that read and decode the files: None = as many as there are CPUs, at
+    most :data:`qsmnode.dicom.readpool.MAX_DEFAULT_WORKERS`; 1 = in this process only. Fewer than
+    :data:`qsmnode.dicom.readpool.MIN_FILES` files, or Datasets among the sources, are always
+    read in this process. The result does not depend on it (module docstring).
     """
-    acquisitions, refusals = _load(sources)
+    acquisitions, refusals = _load(sources, workers)
     if not acquisitions:
         if not refusals:
             refusals = ["no DICOM images found"]
@@ -160,10 +242,18 @@ def load_acquisitions(sources) -> list[Acquisition]:
     return acquisitions
 
 
-def load_acquisition(sources) -> Acquisition:
+def prestart_workers(workers: int | None = None) -> str:
+    """Start the reader processes of the next :func:`load_acquisitions` now; call it before the
+    process initialises CUDA (a job process that warms up its GPU context) so that they are
+    forked cheaply from the clean process. Returns the start method
+    (:func:`qsmnode.dicom.readpool.prestart`)."""
+    return readpool.prestart(workers)
+
+
+def load_acquisition(sources, workers: int | None = None) -> Acquisition:
     """Exactly one usable acquisition from ``sources``, else :class:`InputRefused` saying what
-    was found."""
-    acquisitions = load_acquisitions(sources)
+    was found. ``workers`` as for :func:`load_acquisitions`."""
+    acquisitions = load_acquisitions(sources, workers)
     if len(acquisitions) > 1:
         found = "; ".join(
             f"{a.header.get('SeriesDescription', '?')} ({a.n_echoes} echoes, "
@@ -181,37 +271,119 @@ def load_acquisition(sources) -> Acquisition:
 
 
 def _describe_series(inst: _Instance) -> str:
-    ds = inst.ds
-    return f"series {ds.get('SeriesNumber', '?')} '{ds.get('SeriesDescription', '') or ''}'"
+    return inst.series_label
 
 
-def _load(sources) -> tuple[list[Acquisition], list[str]]:
+def _usable(ds: Dataset | None) -> bool:
+    return ds is not None and ("SOPClassUID" in ds or "Modality" in ds)
+
+
+def _uid(ds: Dataset, label: str) -> str:
+    return str(ds.get("SOPInstanceUID", "")) or label
+
+
+def _classified(label: str, ds: Dataset, path: Path | None) -> _Instance:
+    vendor = vendors.vendor_from_manufacturer(ds.get("Manufacturer"))
+    try:
+        records = frames.image_records(ds, vendor)
+    except Exception as err:  # a broken functional group: refused below with the reason
+        records = []
+        info = classify.classify_records(
+            ds,
+            vendor,
+            [],
+            broken=(f"unreadable image header ({type(err).__name__}: {err}); re-export the series"),
+        )
+    else:
+        info = classify.classify_records(ds, vendor, records)
+    return _Instance(label, ds, info, records, path)
+
+
+def _read_serial(labelled: list[tuple[str, object]]) -> list[_Instance]:
     instances: list[_Instance] = []
     seen: set[str] = set()
-    for label, src in _iter_sources(sources):
+    for label, src in labelled:
         ds = src if isinstance(src, Dataset) else _read(src)
-        if ds is None or "SOPClassUID" not in ds and "Modality" not in ds:
+        if not _usable(ds):
             continue
-        uid = str(ds.get("SOPInstanceUID", "")) or label
+        uid = _uid(ds, label)
         if uid in seen:
             continue  # the same instance twice (e.g. two copies): use it once
         seen.add(uid)
-        vendor = vendors.vendor_from_manufacturer(ds.get("Manufacturer"))
-        try:
-            records = frames.image_records(ds, vendor)
-        except Exception as err:  # a broken functional group: refused below with the reason
-            records = []
-            info = classify.classify_records(
-                ds,
-                vendor,
-                [],
-                broken=(
-                    f"unreadable image header ({type(err).__name__}: {err}); re-export the series"
-                ),
-            )
-        else:
-            info = classify.classify_records(ds, vendor, records)
-        instances.append(_Instance(label, ds, info, records))
+        instances.append(_classified(label, ds, None if isinstance(src, Dataset) else src))
+    return instances
+
+
+def _read_chunk(chunk: list[tuple[str, str]]):
+    """In a worker process: ``_read_serial`` for one chunk of ``(label, path)``, plus the stored
+    pixels of every instance that is not refused. Returns ``([(uid, instance)], [pixels])``;
+    the instances pickle without their Dataset. Pixels that fail to decode are None: the parent
+    decodes them again, so the refusal (or error) is exactly the serial one."""
+    out: list[tuple[str, _Instance]] = []
+    arrays: list[np.ndarray | None] = []
+    seen: set[str] = set()
+    for label, name in chunk:
+        path = Path(name)
+        ds = _read(path)
+        if not _usable(ds):
+            continue
+        uid = _uid(ds, label)
+        if uid in seen:
+            continue
+        seen.add(uid)
+        inst = _classified(label, ds, path)
+        pixels = None
+        if not inst.info.refusal and inst.records:
+            try:
+                pixels = _stored_pixels(ds)
+            except Exception:  # noqa: BLE001 - redone in the parent, which reports it
+                pixels = None
+        for fact in _Instance.FACTS:
+            try:
+                getattr(inst, fact)
+            except Exception:  # noqa: BLE001 - computed (and raised) in the parent if needed
+                pass
+        out.append((uid, inst))
+        arrays.append(pixels)
+    return out, arrays
+
+
+def _read_parallel(
+    labelled: list[tuple[str, object]], workers: int, automatic: bool
+) -> list[_Instance] | None:
+    """The instances of ``labelled`` (paths only) read by ``workers`` processes, in the order and
+    with the deduplication of :func:`_read_serial`; None when the pool failed."""
+    items = [(label, str(src)) for label, src in labelled]
+    try:
+        results = readpool.map_chunks(_read_chunk, items, workers, automatic=automatic)
+    except readpool.PoolFailed as err:
+        log.warning(
+            "reading %d files in %d worker processes failed (%s); reading them in this process",
+            len(labelled),
+            workers,
+            err,
+        )
+        return None
+    instances: list[_Instance] = []
+    seen: set[str] = set()
+    for payload, arrays in results:
+        for (uid, inst), pixels in zip(payload, arrays):
+            if uid in seen:
+                continue  # the same instance in two chunks: the first one, as in file order
+            seen.add(uid)
+            inst.pixels = pixels
+            instances.append(inst)
+    return instances
+
+
+def _load(sources, workers: int | None = None) -> tuple[list[Acquisition], list[str]]:
+    labelled = list(_iter_sources(sources))
+    n_workers = readpool.resolve_workers(workers, len(labelled))
+    instances = None
+    if n_workers > 1 and not any(isinstance(src, Dataset) for _, src in labelled):
+        instances = _read_parallel(labelled, n_workers, automatic=workers is None)
+    if instances is None:
+        instances = _read_serial(labelled)
 
     refusals_by_key: dict[str, list[str]] = defaultdict(list)
     groups: dict[str, _Group] = {}
@@ -271,10 +443,7 @@ def _split_repeats(group: _Group) -> list[_Group]:
         return [group]
     by_time: dict[str, _Group] = {}
     for inst, rec in group.items:
-        t = str(inst.ds.get("AcquisitionDateTime", "") or "") or (
-            str(inst.ds.get("AcquisitionDate", "") or "")
-            + str(inst.ds.get("AcquisitionTime", "") or "")
-        )
+        t = inst.acquisition_time
         by_time.setdefault(t, _Group(group.key + t)).items.append((inst, rec))
     if len(by_time) > 1:
         ok = True
@@ -434,7 +603,7 @@ def _assemble(group: _Group) -> Acquisition:
         per_series[inst.info.series_instance_uid].append(inst)
     for series_uid, insts in per_series.items():
         expected = insts[0].info.expected_in_series
-        if expected and not frames.is_enhanced(insts[0].ds):
+        if expected and not insts[0].enhanced:
             all_in_series = sum(
                 1
                 for i, _ in {id(i): (i, 0) for i, _ in items}.values()
@@ -489,7 +658,7 @@ def _assemble(group: _Group) -> Acquisition:
     # --- pixels: planes are written contiguously as [echo, slice, row, col]; the returned
     # signal is the (Fortran-ordered) view [col=i, row=j, slice=k, echo], so vol[:, :, k] ==
     # pixel_array.T without a copy and every echo volume is one contiguous block.
-    rows, cols = int(first_inst.ds.Rows), int(first_inst.ds.Columns)
+    rows, cols = first_inst.matrix
     mag_phase = pair == ("magnitude", "phase")
     shape = (n_echoes, n_slices, rows, cols)
     raw: dict[str, np.ndarray] = (
@@ -500,7 +669,7 @@ def _assemble(group: _Group) -> Acquisition:
     for (inst, rec), k, e in zip(items, slice_idx, echo_idx):
         if rec.component not in pair:
             continue
-        if int(inst.ds.Rows) != rows or int(inst.ds.Columns) != cols:
+        if inst.matrix != (rows, cols):
             raise InputRefused(
                 "inconsistent geometry: images of different matrix sizes in one acquisition",
                 "send one acquisition",
@@ -656,7 +825,7 @@ def _assemble(group: _Group) -> Acquisition:
         if inst.info.sop_instance_uid not in seen_per_slice[k]:
             seen_per_slice[k].add(inst.info.sop_instance_uid)
             source_instances[k].append(
-                SourceReference(str(inst.ds.SOPClassUID), inst.info.sop_instance_uid, uid)
+                SourceReference(inst.sop_class_uid, inst.info.sop_instance_uid, uid)
             )
     provenance.insert(
         0,
