@@ -318,6 +318,12 @@ class Index:
         return [_decode_job(r) for r in
                 self._all("SELECT * FROM jobs WHERE state='done' AND purged=0 ORDER BY finished_at")]
 
+    def failed_jobs_with_outputs(self) -> list[dict[str, Any]]:
+        """Failed jobs that kept outputs (series handed over before the failure), not yet purged."""
+        return [_decode_job(r) for r in
+                self._all("SELECT * FROM jobs WHERE state='failed' AND purged=0 AND output_dir IS NOT NULL"
+                          " ORDER BY finished_at")]
+
     def mark_job_purged(self, job_id: str) -> None:
         with self._lock:
             self._db.execute("UPDATE jobs SET purged=1 WHERE id=?", (job_id,))

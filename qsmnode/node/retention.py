@@ -5,7 +5,9 @@ the job finished, once the dispatcher says every destination has every file
 (:meth:`Dispatcher.job_dispatched`); a job without destinations counts as delivered. When free
 disk drops below ``pressure_free_disk_mb`` the same files go at once, oldest job first, until
 there is room again. Acquisitions that no rule took, or that failed, lose their files
-``keep_hours`` after their last instance (a failed job can be retried until then). Nothing that
+``keep_hours`` after their last instance (a failed job can be retried until then). A failed job
+that kept the series it handed over before it failed (:mod:`qsmnode.node.worker`) loses those
+output files on the same terms as a done job's (its inputs stay for a retry). Nothing that
 still waits for delivery is ever deleted.
 """
 
@@ -74,6 +76,20 @@ class Retention:
             if now - (job.get("finished_at") or now) < keep and not self.under_pressure():
                 continue
             self._purge_job(job, now)
+            cleaned += 1
+        for job in self.index.failed_jobs_with_outputs():
+            if not self._delivered(job):
+                continue
+            if now - (job.get("finished_at") or now) < keep and not self.under_pressure():
+                continue
+            out = Path(job["output_dir"])
+            n_out = sum(1 for f in out.rglob("*") if f.is_file()) if out.exists() else 0
+            shutil.rmtree(out, ignore_errors=True)
+            self.index.mark_job_purged(job["id"])
+            log.info("retention: failed job %s: deleted the %d output files it had kept", job["id"], n_out)
+            if self.audit:
+                self.audit.record("deleted", job_id=job["id"], inputs=0, outputs=n_out,
+                                  pressure=self.under_pressure())
             cleaned += 1
         for acq in self.index.stale_unmatched(now - keep):
             self._purge_inputs(acq["id"])
