@@ -37,6 +37,7 @@ import copy
 import logging
 import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -403,7 +404,7 @@ def _load(sources, workers: int | None = None) -> tuple[list[Acquisition], list[
     for key, group in groups.items():
         for sub in _split_repeats(group):
             try:
-                acquisitions.append(_assemble(sub))
+                acquisitions.append(_assemble(sub, threads=n_workers))
             except InputRefused as err:
                 first = sub.items[0][0]
                 extra = _merge_reasons(refusals_by_key.get(key, []))
@@ -480,7 +481,18 @@ def _private(ds: Dataset, group: int, creator: str, element: int):
         return None
 
 
-def _assemble(group: _Group) -> Acquisition:
+def _per_echo(fn, n_echoes: int, threads: int) -> list:
+    """``[fn(e) for e in range(n_echoes)]``, in up to ``threads`` threads (numpy releases the GIL
+    in the array operations; every echo writes its own block, so the result is the same)."""
+    if threads <= 1 or n_echoes <= 1:
+        return [fn(e) for e in range(n_echoes)]
+    with ThreadPoolExecutor(max_workers=min(threads, n_echoes)) as pool:
+        return list(pool.map(fn, range(n_echoes)))
+
+
+def _assemble(group: _Group, threads: int = 1) -> Acquisition:
+    """The Acquisition of one group (checks, then pixels); ``threads`` for the per-echo array
+    work (1: this thread only)."""
     items = group.items
     first_inst, first_rec = items[0]
     vendor = first_inst.info.vendor
@@ -720,21 +732,27 @@ def _assemble(group: _Group) -> Acquisition:
                 vendor, slope, intercept, bits, pixrep, observed
             )
         provenance.extend(sorted({rule for _, _, rule in scales.values()}))
-        negative = False
         use_lut = len(scales) == 1 and ph_raw.dtype.kind in "ui"
         if use_lut:
             (slope, intercept), (ca, cb, _) = next(iter(scales.items()))
             base = int(min(lo, 0))
             rad = (np.arange(base, int(hi) + 1, dtype=np.float64) * slope + intercept) * ca + cb
             lut = np.exp(1j * rad).astype(np.complex64)
-        for e in range(n_echoes):  # per echo: bounded temporaries
+
+        def mag_phase_echo(e: int) -> bool:
+            """signal_ekrc[e] from magnitude and phase; True when the magnitude had negatives."""
             mag = rescaled("magnitude", e)
-            if float(mag.min()) < 0:
-                negative = True
+            negative = float(mag.min()) < 0
+            if negative:
                 np.abs(mag, out=mag)
             if use_lut:
                 index = ph_raw[e] if base == 0 else ph_raw[e].astype(np.int32) - base
-                np.multiply(mag, lut[index], out=signal_ekrc[e])
+                # gathered straight into the output, then scaled in place: no temporaries; the
+                # index is inside the table by construction (lo..hi), so 'clip' clips nothing
+                # and spares numpy's buffered bounds check; (a+bi)*(m+0i) == (m+0i)*(a+bi)
+                # bit for bit, since the zero products are exact
+                np.take(lut, index, out=signal_ekrc[e], mode="clip")
+                np.multiply(signal_ekrc[e], mag, out=signal_ekrc[e])
             else:
                 v = rescaled("phase", e)
                 a_k = np.array(
@@ -754,12 +772,18 @@ def _assemble(group: _Group) -> Acquisition:
                 phase = v * a_k + b_k
                 signal_ekrc[e].real = mag * np.cos(phase)
                 signal_ekrc[e].imag = mag * np.sin(phase)
+            return negative
+
+        negative = any(_per_echo(mag_phase_echo, n_echoes, threads))  # bounded temporaries
         if negative:
             warnings.append("negative magnitude values found; taken as absolute values")
     else:
-        for e in range(n_echoes):
+
+        def real_imaginary_echo(e: int) -> None:
             signal_ekrc[e].real = rescaled(pair[0], e)
             signal_ekrc[e].imag = rescaled(pair[1], e)
+
+        _per_echo(real_imaginary_echo, n_echoes, threads)
     del raw
     signal = signal_ekrc.transpose(3, 2, 1, 0)
 
