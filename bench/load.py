@@ -1,16 +1,20 @@
 """Benchmark: load a full-size classic Siemens multi-echo GRE (magnitude + phase) from disk.
 
 Writes 256 x 256 x 176 slices x 6 echoes, magnitude and phase (2,112 classic instances) with the
-simulator's DICOM writer into a temporary folder, then times ``load_acquisitions`` on one core.
-Prints the numbers; asserts nothing (target: under 5 s).
+simulator's DICOM writer into a temporary folder, then times ``load_acquisitions`` with each
+``--workers`` count (1 = the serial path, in this process only; N = N reader processes), the
+process pinned to N cores. Prints wall time and CPU time (this process, and its reader processes)
+per run and the best of ``--repeat``; asserts nothing (target: under 5 s).
 
-    python bench/load.py [--slices 176] [--echoes 6] [--matrix 256] [--repeat 2] [--keep DIR]
+    python bench/load.py [--slices 176] [--echoes 6] [--matrix 256] [--repeat 3]
+                         [--workers 1 2] [--keep DIR | --input DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -56,42 +60,62 @@ def main() -> None:
     parser.add_argument("--matrix", type=int, default=256)
     parser.add_argument("--slices", type=int, default=176)
     parser.add_argument("--echoes", type=int, default=6)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="reader process counts to time, e.g. 1 2 (1 = serial; default 1)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="write the series here and keep it")
+    parser.add_argument(
+        "--input", type=Path, default=None, help="time an existing folder (written with --keep)"
+    )
     args = parser.parse_args()
-    try:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
-    except (AttributeError, OSError):
-        pass
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
     from qsmnode.dicom.load import load_acquisitions
 
-    folder = args.keep or Path(tempfile.mkdtemp(prefix="qsmnode-bench-load-"))
+    folder = args.input or args.keep or Path(tempfile.mkdtemp(prefix="qsmnode-bench-load-"))
     try:
-        start = time.perf_counter()
-        paths = make_series(folder, args.matrix, args.slices, args.echoes)
-        write_s = time.perf_counter() - start
+        if args.input is None:
+            start = time.perf_counter()
+            paths = make_series(folder, args.matrix, args.slices, args.echoes)
+            write_s = time.perf_counter() - start
+            print(f"wrote {len(paths)} instances in {write_s:.1f} s")
+        else:
+            paths = [p for p in folder.rglob("*") if p.is_file()]
         size_mb = sum(p.stat().st_size for p in paths) / 1e6
-        print(f"wrote {len(paths)} instances ({size_mb:.0f} MB) in {write_s:.1f} s")
-        times, cpu = [], []
-        for _ in range(args.repeat):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            acqs = load_acquisitions([folder])
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
-        acq = acqs[0]
-        print(f"loaded {acq.shape} x {acq.n_echoes} echoes, B0 {acq.b0_tesla:.4f} T")
-        print(
-            f"load_acquisitions on one core: best {min(times):.2f} s, runs "
-            + ", ".join(f"{t:.2f}" for t in times)
-            + f" ({len(paths) / min(times):.0f} instances/s; target < 5 s)"
-        )
-        print(
-            f"CPU time of the process: best {min(cpu):.2f} s (wall > CPU means waiting for disk or other "
-            f"processes; load average {os.getloadavg()[0]:.1f})"
-        )
+        print(f"{len(paths)} instances, {size_mb:.0f} MB")
+        for workers in args.workers:
+            n_cores = max(1, min(workers, len(cores))) if cores else 0
+            if cores:
+                os.sched_setaffinity(0, set(cores[:n_cores]))  # the readers inherit it
+            times, cpu, child_cpu = [], [], []
+            load_before = os.getloadavg()[0]
+            for _ in range(args.repeat):
+                children = resource.getrusage(resource.RUSAGE_CHILDREN)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                acqs = load_acquisitions([folder], workers=workers)
+                times.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                child_cpu.append(
+                    after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+                )
+                del acqs[:]
+            best = min(range(len(times)), key=times.__getitem__)
+            print(
+                f"workers={workers} on {n_cores or '?'} core(s): best {times[best]:.2f} s wall "
+                f"({len(paths) / times[best]:.0f} instances/s; target < 5 s), CPU {cpu[best]:.2f} s "
+                f"this process + {child_cpu[best]:.2f} s readers; runs "
+                + ", ".join(f"{t:.2f}" for t in times)
+                + f"; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+            )
+        print("(wall > CPU means waiting for disk or for other processes on the machine)")
     finally:
-        if args.keep is None:
+        if args.keep is None and args.input is None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
