@@ -941,6 +941,7 @@ class Dispatcher:
         if self._stop.is_set():
             assoc.abort()
         _tune_socket(assoc)
+        _keep_responses(assoc)
         return assoc
 
     def _send_dimse_one(self, dest: Destination, items: list[_Item], contexts, assoc=None
@@ -1143,6 +1144,32 @@ def _tune_socket(assoc) -> None:
         assoc.dul.socket.socket = quick_ack(sock)
     except (AttributeError, OSError):  # not a TCP socket (or already closed): leave it as it is
         pass
+
+
+def _keep_responses(assoc) -> None:
+    """Work around a race in pynetdicom (3.0; its issues #842, #850, #875): a C-STORE response lost.
+
+    ``send_c_store`` pauses the association's reactor thread by clearing an event and waiting for
+    the reactor's ``_is_paused`` flag; right after the previous C-STORE the flag can still be True
+    from the reactor's last pause, so the next request goes out while the reactor runs on. The
+    reactor then takes the response off the DIMSE queue, logs "Received unexpected C-STORE service
+    message" and drops it; ``send_c_store`` waits for it until the DIMSE timeout (30 s) and the
+    association is aborted. The more threads compete for the GIL the likelier it is: with the
+    worker enqueuing the next series while a batch is sent, every few hundred C-STOREs on 2 cores.
+    Here a response that the reactor takes is put back on the queue, for the ``send_c_store``
+    that waits for it; requests from the peer are served as before.
+    """
+    serve = assoc._serve_request
+
+    def serve_requests_only(msg, context_id) -> None:
+        if not msg.is_valid_request and msg.is_valid_response:
+            log.debug("pynetdicom's reactor took a %s response (message %s); put back for its request",
+                      msg.msg_type, getattr(msg, "MessageIDBeingRespondedTo", "?"))
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_requests_only
 
 
 class _Tx:

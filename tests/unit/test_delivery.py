@@ -335,3 +335,29 @@ def test_a_job_handed_over_in_pieces_is_delivered_only_when_closed_and_all_sent(
 
 def _sent_names(d: Dispatcher, job_id: str) -> set[str]:
     return {Path(p).name for (p,) in d._query("SELECT path FROM outbox WHERE job_id=? AND state='sent'", (job_id,))}
+
+
+def test_a_response_that_pynetdicoms_reactor_takes_is_put_back_for_its_request():
+    """pynetdicom 3.0's reactor can take a C-STORE response meant for send_c_store (a race; the
+    C-STORE then waits 30 s and the association is aborted): the dispatcher puts it back."""
+    import io
+    import queue
+    from types import SimpleNamespace
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from qsmnode.node.dispatch import _keep_responses
+
+    served = []
+    assoc = SimpleNamespace(dimse=SimpleNamespace(msg_queue=queue.Queue()),
+                            _serve_request=lambda msg, cx: served.append((cx, msg)))
+    _keep_responses(assoc)
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 7, 0x0000
+    assoc._serve_request(rsp, 3)
+    assert served == [] and assoc.dimse.msg_queue.get_nowait() == (3, rsp)
+    req = C_STORE()
+    req.MessageID, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = 8, MRImageStorage, "1.2.3"
+    req.Priority, req.DataSet = 2, io.BytesIO(b"")
+    assoc._serve_request(req, 3)  # a request from the peer is served as before
+    assert served == [(3, req)] and assoc.dimse.msg_queue.empty()
