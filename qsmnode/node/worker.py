@@ -550,10 +550,13 @@ WARM_MODULES = (
 
 def warm_up(device: str = "auto") -> None:
     """What a job process does before it has a job: import everything a job uses, load highdicom's
-    standard tables (read from JSON on first use, ~0.3 s), and with ``device`` gpu or auto on a CUDA
-    host create the CUDA context and load cuFFT. Each part that fails is only reported (the job
-    then does it itself, or fails with its own clear error)."""
+    standard tables (read from JSON on first use, ~0.3 s), and with ``device`` gpu or auto where
+    CuPy is installed start the loader's reader processes (:func:`qsmnode.dicom.load.prestart_workers`:
+    forked cheaply now, before CUDA makes fork unsafe) and then, on a CUDA host, create the CUDA
+    context and load cuFFT. Each part that fails is only reported (the job then does it itself, or
+    fails with its own clear error)."""
     import importlib
+    import importlib.util
 
     for name in WARM_MODULES:
         try:
@@ -567,7 +570,13 @@ def warm_up(device: str = "auto") -> None:
             getattr(standard, name)()
     except Exception:  # noqa: BLE001 - another highdicom version: nothing to warm
         pass
-    if device in ("gpu", "auto"):
+    if device in ("gpu", "auto") and importlib.util.find_spec("cupy") is not None:
+        try:  # the loader's reader processes, forked now: after CUDA is initialised fork is unsafe
+            from qsmnode.dicom.load import prestart_workers
+
+            prestart_workers()
+        except Exception as err:  # noqa: BLE001 - the load then starts them itself
+            print(f"warm-up: reader processes: {type(err).__name__}: {err}", file=sys.stderr)
         try:
             from qsmnode.recon.backend import gpu_available
 
