@@ -356,7 +356,13 @@ def _read_parallel(
     with the deduplication of :func:`_read_serial`; None when the pool failed."""
     items = [(label, str(src)) for label, src in labelled]
     try:
-        results = readpool.map_chunks(_read_chunk, items, workers, automatic=automatic)
+        size = sum(os.stat(src).st_size for _, src in labelled)  # about the pixels' size
+    except OSError:
+        size = 0
+    try:
+        results = readpool.map_chunks(
+            _read_chunk, items, workers, automatic=automatic, size_hint=size
+        )
     except readpool.PoolFailed as err:
         log.warning(
             "reading %d files in %d worker processes failed (%s); reading them in this process",

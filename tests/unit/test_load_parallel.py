@@ -159,9 +159,30 @@ def test_repeated_acquisitions(tmp_path, pool_used):
     assert len(acqs) == 2
 
 
-def test_shared_memory_unavailable_pickles_the_pixels(siemens, pool_used, monkeypatch):
-    monkeypatch.setattr(readpool, "SHM_ROOT", Path("/nonexistent/shm"))
+def test_pixels_through_a_folder_or_pickled(tmp_path, siemens, pool_used, monkeypatch):
+    monkeypatch.setattr(readpool, "TRANSFER_DIRS", [Path("/nonexistent/shm"), tmp_path])
     compare([siemens.dicom_dir], pool_used)
+    assert not list(tmp_path.iterdir())  # the per-call folder is gone
+    monkeypatch.setattr(readpool, "TRANSFER_DIRS", [])  # nowhere: pickled through the pipe
+    compare([siemens.dicom_dir], pool_used)
+    monkeypatch.setattr(readpool, "_free_bytes", lambda folder: 0)  # no room anywhere
+    monkeypatch.setattr(readpool, "TRANSFER_DIRS", [tmp_path])
+    assert readpool.transfer_dir(1000) is None
+    compare([siemens.dicom_dir], pool_used)
+
+
+def test_stale_transfer_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(readpool, "TRANSFER_DIRS", [tmp_path])
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # a process id that no longer runs
+    stale = tmp_path / f"qsmnode-load-{pid}-abc"
+    stale.mkdir()
+    (stale / "00000").write_bytes(b"x")
+    mine = readpool.transfer_dir()
+    assert mine is not None and mine.parent == tmp_path and not stale.exists()
+    shutil.rmtree(mine)
 
 
 def test_forkserver(siemens, pool_used, monkeypatch):
@@ -177,11 +198,13 @@ def test_prestarted_pool_is_used_once(siemens, pool_used):
     assert readpool._prestarted is None and pool_used == [True]
 
 
-def test_no_shared_memory_left_behind(siemens, pool_used):
-    before = set(readpool.SHM_ROOT.glob("qsmnode-load-*")) if readpool.SHM_ROOT.is_dir() else set()
+def test_no_transfer_files_left_behind(siemens, pool_used):
+    def leftovers():
+        return {p for d in readpool.TRANSFER_DIRS if d.is_dir() for p in d.glob("qsmnode-load-*")}
+
+    before = leftovers()
     compare([siemens.dicom_dir], pool_used)
-    after = set(readpool.SHM_ROOT.glob("qsmnode-load-*")) if readpool.SHM_ROOT.is_dir() else set()
-    assert after <= before
+    assert leftovers() <= before
 
 
 # --------------------------------------------------------------------------- refusals
