@@ -349,3 +349,20 @@ def test_start_method():
     finally:
         stop.set()
         t.join()
+
+
+def test_cuda_initialised_means_forkserver(siemens, pool_used, monkeypatch):
+    """A process whose CUDA driver is initialised keeps /dev/nvidia* open: no fork then."""
+    real_readlink = os.readlink
+
+    def readlink(path, *args, **kwargs):
+        if str(path).startswith("/proc/self/fd/") and str(path).endswith("/0"):
+            return "/dev/nvidiactl"
+        return real_readlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(readpool.os, "readlink", readlink)
+    assert readpool.cuda_initialised()
+    assert readpool.start_method() == "forkserver"
+    assert load.prestart_workers(2) == "forkserver"  # the server is started, no pool is kept
+    assert readpool._prestarted is None
+    compare([siemens.dicom_dir], pool_used)
