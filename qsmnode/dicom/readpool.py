@@ -12,13 +12,19 @@ Start method (:func:`start_method`):
   every lock as it was, held ones included, but only the calling thread) and the CUDA driver has
   not been initialised in this process (CUDA does not support a child forked after ``cuInit``;
   the driver keeps ``/dev/nvidia*`` open from then on, which is what is checked, for cupy, torch
-  and numba alike). Fork costs a few milliseconds per worker and the workers start with
-  numpy/pydicom/qsmnode already imported. In the node's job process the load comes before the
-  reconstruction touches the GPU, so this is the usual case there.
+  and numba alike). Fork costs a few milliseconds per worker (about 20 ms for a pool of 2 here)
+  and the workers start with numpy/pydicom/qsmnode already imported.
 - ``forkserver`` otherwise: a clean server process (started once per process, then kept) that
   imported the loader before any CUDA or thread state existed; workers are forked from it.
-  Costs about half a second the first time, a few milliseconds per worker afterwards.
+  Costs about 0.4 s the first time, a few milliseconds per worker afterwards. Like every
+  multiprocessing start method but fork, its workers import the caller's ``__main__`` module:
+  a script needs the ``if __name__ == "__main__":`` guard (without it the pool fails and the
+  loader reads serially).
 - ``spawn`` where neither exists (not Linux).
+
+A process that creates its CUDA context before it has files to load (a job process that warms
+up its GPU while it waits for a job) should call :func:`prestart` before that: the workers are
+forked then, from the clean process, and the load that follows uses them at no start cost.
 
 What crosses the boundary: the parent sends each worker a list of plain ``(label, path)`` string
 pairs; the worker returns ``(payload, arrays)`` from the chunk function, where ``payload`` is
