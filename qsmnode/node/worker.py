@@ -549,27 +549,20 @@ WARM_MODULES = (
 
 
 def warm_up(device: str = "auto") -> None:
-    """What a job process does before it has a job: import everything a job uses, load highdicom's
-    standard tables (read from JSON on first use, ~0.3 s), and with ``device`` gpu or auto where
-    CuPy is installed start the loader's reader processes (:func:`qsmnode.dicom.load.prestart_workers`:
-    forked cheaply now, before CUDA makes fork unsafe) and then, on a CUDA host, create the CUDA
-    context and load cuFFT. Each part that fails is only reported (the job then does it itself, or
-    fails with its own clear error)."""
-    import importlib
+    """What a job process does before it has a job: import everything a job uses and load
+    highdicom's standard tables (read from JSON on first use, ~0.3 s), in a thread at nice 10
+    (Linux: the nice value is per thread), so that on a small machine the warm-up of the next
+    job's process takes little CPU from the job that runs meanwhile; then, with ``device`` gpu or
+    auto where CuPy is installed, start the loader's reader processes
+    (:func:`qsmnode.dicom.load.prestart_workers`: forked cheaply now, from this thread alone and
+    before CUDA makes fork unsafe) and, on a CUDA host, create the CUDA context and load cuFFT.
+    Each part that fails is only reported (the job then does it itself, or fails with its own
+    clear error)."""
     import importlib.util
 
-    for name in WARM_MODULES:
-        try:
-            importlib.import_module(name)
-        except Exception as err:  # noqa: BLE001
-            print(f"warm-up: cannot import {name}: {type(err).__name__}: {err}", file=sys.stderr)
-    try:
-        from highdicom import _standard_utils as standard  # private, hence the guard
-
-        for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
-            getattr(standard, name)()
-    except Exception:  # noqa: BLE001 - another highdicom version: nothing to warm
-        pass
+    thread = threading.Thread(target=_warm_imports, name="qsmnode-warm-up", daemon=True)
+    thread.start()
+    thread.join()
     if device in ("gpu", "auto") and importlib.util.find_spec("cupy") is not None:
         try:  # the loader's reader processes, forked now: after CUDA is initialised fork is unsafe
             from qsmnode.dicom.load import prestart_workers
@@ -588,6 +581,27 @@ def warm_up(device: str = "auto") -> None:
                 cupy.cuda.Stream.null.synchronize()
         except Exception as err:  # noqa: BLE001
             print(f"warm-up: GPU: {type(err).__name__}: {err}", file=sys.stderr)
+
+
+def _warm_imports() -> None:
+    import importlib
+
+    try:  # this thread only; the job itself runs at the process's priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (OSError, AttributeError):
+        pass
+    for name in WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001
+            print(f"warm-up: cannot import {name}: {type(err).__name__}: {err}", file=sys.stderr)
+    try:
+        from highdicom import _standard_utils as standard  # private, hence the guard
+
+        for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+            getattr(standard, name)()
+    except Exception:  # noqa: BLE001 - another highdicom version: nothing to warm
+        pass
 
 
 def _redirect_output(log_path: Path, spare_log: Path | None) -> None:
