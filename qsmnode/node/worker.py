@@ -77,6 +77,7 @@ class _Child:
         self.messages_fd = messages_fd
         self.spare_log = spare_log
         self.started = time.monotonic()
+        self.job_id: str | None = None  # None while it is a spare
         self._buffer = b""
         self._eof = False
 
@@ -189,8 +190,7 @@ class WorkerPool:
     def spare_pids(self) -> list[int]:
         """Process ids of the spares waiting for a job (one per worker thread, once started)."""
         with self._lock:
-            running = {c.pid for c in self._running.values()}
-            return [pid for pid, c in self._children.items() if pid not in running and c.proc.poll() is None]
+            return [pid for pid, c in self._children.items() if c.job_id is None and c.proc.poll() is None]
 
     def _run(self) -> None:
         self._local.spare = None
@@ -266,12 +266,12 @@ class WorkerPool:
 
     def _lost_spare(self, child: _Child, when: str) -> str:
         """A spare died: log it with the end of what it printed; returns that text."""
-        rc = child.proc.poll()
         try:
             text = child.spare_log.read_text(errors="replace")[-2000:]
         except OSError:
             text = ""
         self._release(child)
+        rc = child.proc.returncode
         how = "killed by the node" if self._stop.is_set() else (
             f"signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}")
         if not self._stop.is_set():
@@ -343,6 +343,7 @@ class WorkerPool:
         died_before = ""
         cannot_start = False
         warm_s = 0.0
+        t_accepted = t_start
         try:
             for _attempt in range(HANDOVER_TRIES):
                 child = self._take_spare()
@@ -350,6 +351,7 @@ class WorkerPool:
                     cannot_start = True
                     break
                 warm_s = max(0.0, t_start - child.started)  # how long it was up before the job was claimed
+                child.job_id = job_id
                 try:
                     accepted = self._hand_over(child, spec, deadline)
                 except TimeoutError:
@@ -368,16 +370,24 @@ class WorkerPool:
             if child is not None and not timed_out:
                 timed_out, result = self._follow(job, child, out_dir, deadline, handed)
         finally:
-            if child is not None:
-                rc = child.proc.poll()
-                if rc is None and result is not None:  # it said its last word: let it exit
-                    try:
-                        rc = child.proc.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        rc = None
+            if child is not None and result is None:  # it died or was killed: reap it (its exit status)
                 self._release(child)
-                if rc is None:
-                    rc = child.proc.returncode
+        try:
+            return self._conclude(job, result, timed_out, child, cannot_start, died_before, handed, out_dir,
+                                  log_path, t_start, t_accepted, warm_s)
+        finally:
+            if child is not None and result is not None:  # it said its last word: let it exit, then reap
+                try:
+                    child.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+                self._release(child)
+
+    def _conclude(self, job: dict, result: dict | None, timed_out: bool, child: _Child | None, cannot_start: bool,
+                  died_before: str, handed: list[tuple[str, list[Path]]], out_dir: Path, log_path: Path,
+                  t_start: float, t_accepted: float, warm_s: float) -> str:
+        """The job's end, from what its process said (``result``) or how it ended."""
+        job_id = job["id"]
         kept = [kind for kind, _ in handed]
         if result is None and self._stop.is_set():
             self.index.finish_job(job_id, "queued", reason="node stopped while the job ran; it is resumed on start")
@@ -398,6 +408,7 @@ class WorkerPool:
             return self._fail(job, f"the job process died {HANDOVER_TRIES} times before it took the job; "
                                    f"see {log_path}", kept=kept, out_dir=out_dir, handed=handed)
         if result is None:
+            rc = child.proc.returncode
             how = f"signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}"
             return self._fail(job, f"the job process died ({how}) without a result; see {log_path}",
                               kept=kept, out_dir=out_dir, handed=handed)
@@ -682,7 +693,13 @@ def run_spare(messages_fd: int, parent_pid: int, device: str, spare_log: Path | 
     spec = json.loads(line)
     _redirect_output(Path(spec["log_path"]), spare_log)
     send({"event": "accepted", "pid": os.getpid(), "job_id": spec.get("job_id")})
-    return run_job_in_child(spec, send)
+    rc = run_job_in_child(spec, send)
+    # everything is said and every output is durable: skip the interpreter's teardown (freeing
+    # gigabytes of arrays, the CUDA context), which takes CPU from the dispatch of the outputs
+    sys.stdout.flush()
+    sys.stderr.flush()
+    channel.close()
+    os._exit(rc)
 
 
 def main(argv: list[str] | None = None) -> int:
