@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+from concurrent.futures import ThreadPoolExecutor
 import struct
 from dataclasses import dataclass
 from typing import Iterator
@@ -490,7 +491,7 @@ def iter_output_series(
     (if ``parametric_map``) and the summary Secondary Capture image(s) (if ``summary_image``).
     Each series is built only when the previous one has been taken, so a caller can write and
     send the QSM while the rest is built. Runs the findings detection
-    (:func:`qsmnode.report.findings.find_foci`) itself, before the SR.
+    (:func:`qsmnode.report.findings.find_foci`) itself, on a thread beside the classic series.
 
     Raises :class:`InputRefused` when the source cannot carry derived objects (no frame of
     reference, no study): at the call, before anything is built.
@@ -522,11 +523,17 @@ def _series(acquisition, result, parametric_map: bool, summary_image: bool,
 
     qsm = classic("QSM", qsm_to_ppb(result.chi_ppm, result.mask))
     yield "QSM", qsm
+    # the findings (for the SR and the summary) on a thread of their own while the other classic
+    # series are built (numpy and scipy.ndimage release the GIL for most of it); after the QSM,
+    # which they must not delay
+    findings = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsmnode-findings")
+    foci_future = findings.submit(find_foci, result.chi_ppm, result.mask, acquisition.voxel_size_mm)
+    findings.shutdown(wait=False)
     scale = swi_scale(np.asarray(result.swi), np.asarray(result.minip))
     yield "SWI", classic("SWI", magnitude_to_stored(result.swi, scale))
     yield "MINIP", classic("MINIP", magnitude_to_stored(result.minip, scale))
     yield "R2STAR", classic("R2STAR", r2star_to_stored(result.r2star_per_s))
-    foci = find_foci(result.chi_ppm, result.mask, acquisition.voxel_size_mm)
+    foci = foci_future.result()
     yield KIND_SR, [build_measurement_report(acquisition, result, foci, qsm,
                                              software_version=software_version)]
     if parametric_map:
