@@ -126,16 +126,21 @@ def chunked(items: Sequence, workers: int) -> list[list]:
 # --------------------------------------------------------------------------- start method
 
 
+#: device files that a GPU driver keeps open once initialised (NVIDIA; AMD ROCm)
+_GPU_DEVICE_PREFIXES = ("/dev/nvidia", "/dev/kfd")
+
+
 def cuda_initialised() -> bool:
     """True when the CUDA driver has been initialised in this process (it keeps /dev/nvidia*
-    open from ``cuInit`` on). Where /proc cannot be read: True if a CUDA library is imported."""
+    open from ``cuInit`` on; ROCm's /dev/kfd alike). Where /proc cannot be read: True if a GPU
+    library is imported at all."""
     try:
         fds = os.listdir("/proc/self/fd")
     except OSError:
         return any(m in sys.modules for m in ("cupy", "torch", "numba.cuda", "pycuda", "jax"))
     for fd in fds:
         try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/nvidia"):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(_GPU_DEVICE_PREFIXES):
                 return True
         except OSError:
             continue
