@@ -289,9 +289,9 @@ class _Association:
                                     "add it to accept it")
         elif not (admitted := self.receiver.admit()):
             rejection = ((2, 3, 2), f"{self.receiver.MAX_ASSOCIATIONS} associations are open already; try again later")
-        if rejection:
-            self._send(ul.associate_rj(*rejection[0]))
+        if rejection:  # logged before the sender hears of it, so the log line is there when it looks
             self.receiver.rejected("association", rejection[1], calling_ae=rq.calling_ae, peer=self.peer)
+            self._send(ul.associate_rj(*rejection[0]))
             return False
         self.admitted = admitted
         contexts, roles = ul.negotiate(rq, SUPPORTED_CONTEXTS)

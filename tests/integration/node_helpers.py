@@ -452,6 +452,17 @@ class NodeProcess(LoggedProcess):
             raise RuntimeError(f"qsmnode serve exited with {self.proc.returncode}:\n{self.log()}") from None
         return self
 
+    def spool_files(self, count: int = 0, timeout_s: float = 10.0) -> dict[str, Path]:
+        """SOP Instance UID -> spool file, once at least ``count`` are there. An acknowledged
+        instance is durable in the receive journal at once; its spool file is written a moment
+        later (qsmnode.node.spool), so tests wait for it."""
+        def files() -> dict[str, Path]:
+            return {f.stem: f for f in (self.storage / "spool").rglob("*.dcm")}
+
+        wait_until(lambda: len(files()) >= count, timeout_s, f"{count} instance file(s) in the spool",
+                   detail=lambda: f"; {len(files())} there")
+        return files()
+
     def echo(self, calling: str = "SCANNER", extra_args=()) -> subprocess.CompletedProcess:
         return subprocess.run([ECHOSCU_BIN, "-aet", calling, "-aec", self.aet, *extra_args, "127.0.0.1",
                                str(self.port)], capture_output=True, text=True, timeout=60)

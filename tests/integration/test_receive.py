@@ -37,8 +37,8 @@ def sop_uid(path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-def spool_files(node) -> dict[str, bytes]:
-    return {p.stem: p.read_bytes() for p in (node.storage / "spool").rglob("*.dcm")}
+def spool_files(node, count: int = 0) -> dict[str, bytes]:
+    return {uid: f.read_bytes() for uid, f in node.spool_files(count).items()}
 
 
 def test_instances_are_stored_exactly_once_and_indexed(node, tmp_path):
@@ -48,7 +48,7 @@ def test_instances_are_stored_exactly_once_and_indexed(node, tmp_path):
     assert first.returncode == 0, first.stderr
     again = storescu(paths[:10], n.port)  # a sender that repeats itself
     assert again.returncode == 0, again.stderr
-    stored = spool_files(n)
+    stored = spool_files(n, 30)
     assert len(stored) == 30
     for p in paths:  # bytes as sent: file meta + data set
         original = pydicom.dcmread(p)
@@ -87,7 +87,7 @@ def test_lossless_transfer_syntaxes_are_accepted_as_sent(node, tmp_path, syntax)
               JPEGLSLossless: "-xt", JPEG2000Lossless: "-xv"}[syntax]
     proc = storescu([path], n.port, extra_args=[option])
     assert proc.returncode == 0, proc.stderr
-    (kept,) = (n.storage / "spool").rglob("*.dcm")
+    (kept,) = n.spool_files(1).values()
     got = pydicom.dcmread(kept)
     assert got.file_meta.TransferSyntaxUID == syntax
     assert np.array_equal(got.pixel_array, pydicom.dcmread(path).pixel_array)
@@ -112,7 +112,7 @@ def test_refusals_have_specific_statuses_and_the_node_keeps_serving(node, tmp_pa
     out = proc.stdout + proc.stderr
 
     assert "datasetdoesnotmatchsopclass" in out.lower() and "sopclassnotsupported" in out.lower(), out
-    assert set(spool_files(n)) == {sop_uid(good[0]), sop_uid(good[1])}  # the others still went in
+    assert set(spool_files(n, 2)) == {sop_uid(good[0]), sop_uid(good[1])}  # the others still went in
     log = n.log()
     assert "status 0xA900" in log and "truncated pixel data: 100 bytes" in log
     assert "status 0x0122" in log and "not an MR image" in log
@@ -125,7 +125,7 @@ def test_refusals_have_specific_statuses_and_the_node_keeps_serving(node, tmp_pa
     # ... and the node still serves the known scanner
     assert n.echo().returncode == 0
     assert storescu([good[2]], n.port).returncode == 0
-    assert len(spool_files(n)) == 3
+    assert len(spool_files(n, 3)) == 3
     reasons = [e["reason"] for e in n.audit() if e["event"] == "rejected"]
     assert any("pixel data" in r for r in reasons) and any("not an MR image" in r for r in reasons)
 
@@ -154,7 +154,7 @@ def test_several_scanners_at_once(node, tmp_path):
     for t in threads:
         t.join()
     assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
-    assert set(spool_files(n)) == {sop_uid(p) for b in batches for p in b}
+    assert set(spool_files(n, sum(map(len, batches)))) == {sop_uid(p) for b in batches for p in b}
 
 
 def test_incomplete_acquisition_fails_after_the_cap_naming_the_missing_slices(node, simulated_scan):
@@ -192,7 +192,7 @@ def test_quick_start_flags_and_the_echo_and_send_commands(tmp_path, free_port):
         sent = subprocess.run(["qsmnode", "send", f"QUICK@127.0.0.1:{node.port}", str(tmp_path / "in")],
                               capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0 and "sent 4 of 4" in sent.stdout, sent.stdout + sent.stderr
-        assert {p.stem for p in (node.storage / "spool").rglob("*.dcm")} == {sop_uid(p) for p in paths}
+        assert set(node.spool_files(len(paths))) == {sop_uid(p) for p in paths}
         bad = subprocess.run(["qsmnode", "echo", f"QUICK@127.0.0.1:{free_port()}", "--timeout", "5"],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "could not be reached" in bad.stderr

@@ -42,8 +42,8 @@ def _log_with(node, text: str) -> str:
     return node.log()
 
 
-def _stored(node) -> set[str]:
-    return {p.stem for p in (node.storage / "spool").rglob("*.dcm")}
+def _stored(node, count: int = 0) -> set[str]:
+    return set(node.spool_files(count))
 
 
 def test_negotiation_fragmentation_and_statuses(node, tmp_path):
@@ -65,7 +65,7 @@ def test_negotiation_fragmentation_and_statuses(node, tmp_path):
         for p in paths:
             assert assoc.send_c_store(p).Status == 0x0000
         sent = {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
-        assert _stored(node) == sent
+        assert _stored(node, len(sent)) == sent
         for p in paths:  # the stored files hold exactly the data set that was sent
             original = pydicom.dcmread(p)
             stored = pydicom.dcmread(next((node.storage / "spool").rglob(f"{original.SOPInstanceUID}.dcm")))
@@ -89,7 +89,7 @@ def test_truncated_instance_is_refused_and_the_association_goes_on(node, tmp_pat
         assert assoc.send_c_store(path).Status == 0x0000  # and the association goes on
     finally:
         assoc.release()
-    assert _stored(node) == {str(pydicom.dcmread(path).SOPInstanceUID)}
+    assert _stored(node, 1) == {str(pydicom.dcmread(path).SOPInstanceUID)}
     assert "truncated" in _log_with(node, "instance refused from PYSCU")
 
 

@@ -100,7 +100,7 @@ def test_tls_with_client_certificates(tmp_path, free_port, pki):
         paths = make_mr_instances(tmp_path / "in", 3, rows=16)
         sent = storescu(paths, node.port, extra_args=right)
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        assert len(list((node.storage / "spool").rglob("*.dcm"))) == 3
+        assert len(node.spool_files(3)) == 3
 
         assert echo(node.port, "+tla", "+cf", str(pki["ca"])).returncode != 0  # TLS, but no client cert
         assert echo(node.port).returncode != 0  # plain TCP to a TLS port
