@@ -180,3 +180,24 @@ def test_sigkill_mid_receive_keeps_every_acknowledged_instance(tmp_path, after_s
     for n in acknowledged:
         path = tmp_path / "spool" / "1.2.3.4" / f"1.2.3.4.{n}.dcm"
         assert path.read_bytes() == payload(n), f"acknowledged instance {n} lost"
+
+
+def test_a_failed_flush_refuses_every_later_instance(tmp_path, monkeypatch):
+    """After a failed fsync the kernel may report success on the next one for data it dropped:
+    the journal must not acknowledge anything more (the receiver answers 0xA700)."""
+    import qsmnode.node.journal as journal_module
+
+    journal = ReceiveJournal(tmp_path, segment_bytes=SEGMENT)
+    journal.start()
+    journal.append("s/0.dcm", [payload(0)])
+    real = os.fdatasync
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(journal_module.os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        journal.append("s/1.dcm", [payload(1)])
+    monkeypatch.setattr(journal_module.os, "fdatasync", real)
+    with pytest.raises(OSError, match="check the disk and restart"):
+        journal.append("s/2.dcm", [payload(2)])
