@@ -166,10 +166,21 @@ class ReceiveJournal:
     def _next_segment(self) -> _Segment:
         with self._segments_lock:
             spare = self._spares.pop(0) if self._spares else None
-        if spare is None:  # the spool is behind: grow the journal rather than wait
+        if spare is None:  # the spool files are far behind: grow the journal rather than wait
             spare = self._create(next(self._generations))
             fsync_dir(self.directory)
         return _Segment(*spare)
+
+    def ensure_spare(self) -> None:
+        """Make a spare segment ahead of need (called off the acknowledgement path), so that an
+        append never waits for one to be written."""
+        with self._segments_lock:
+            if self._spares:
+                return
+        spare = self._create(next(self._generations))
+        fsync_dir(self.directory)
+        with self._segments_lock:
+            self._spares.append(spare)
 
     # ------------------------------------------------------------------ appends
     def append(self, name: str, parts) -> int:

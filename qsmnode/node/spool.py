@@ -217,6 +217,7 @@ class Spool:
             self.journal.materialized(generations)
             if self.journal.retirable():
                 self.journal.retire(self.root)
+            self.journal.ensure_spare()
             return len(generations)
 
     def checkpoint(self, *, idle: bool = False) -> int:

@@ -201,3 +201,15 @@ def test_a_failed_flush_refuses_every_later_instance(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_module.os, "fdatasync", real)
     with pytest.raises(OSError, match="check the disk and restart"):
         journal.append("s/2.dcm", [payload(2)])
+
+
+def test_a_spare_segment_is_made_off_the_acknowledgement_path(tmp_path):
+    journal = ReceiveJournal(tmp_path, segment_bytes=SEGMENT)
+    journal.start()  # one segment, made ready as the spare
+    journal.append("s/0.dcm", [payload(0)])  # takes it: no spare left
+    assert len(list(tmp_path.glob("*.seg"))) == 1
+    journal.ensure_spare()  # what the spool's writer thread does after each batch
+    assert len(list(tmp_path.glob("*.seg"))) == 2
+    for n in range(1, 25):  # past the end of the first segment: the append takes the spare
+        journal.append(f"s/{n}.dcm", [payload(n)])
+    assert len(list(tmp_path.glob("*.seg"))) == 2
