@@ -16,6 +16,8 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from qsmnode.durable import fsync_dir
+
 _SOP_KIND = {
     "1.2.840.10008.5.1.4.1.1.30": "QSM_PM",  # Parametric Map Storage
     "1.2.840.10008.5.1.4.1.1.88.34": "SR",  # Comprehensive 3D SR
@@ -45,14 +47,6 @@ def _write_one(ds: Dataset, path: Path) -> Path:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_datasets(datasets, output_dir, *, workers: int = 4) -> list[Path]:
@@ -85,5 +79,5 @@ def write_datasets(datasets, output_dir, *, workers: int = 4) -> list[Path]:
         for ds, path in zip(datasets, targets):
             _write_one(ds, path)
     for directory in [*directories, root]:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     return targets

@@ -39,7 +39,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from qsmnode.node.durable import fsync_dir, syncfs
+from qsmnode.durable import fsync_dir, syncfs
 
 _HEADER = struct.Struct("<4sQII")
 _MAGIC = b"QSJ1"
@@ -248,13 +248,6 @@ class ReceiveJournal:
             by_generation = {seg.generation: seg for seg in [self._active, *self._sealed] if seg is not None}
             for generation in generations:
                 by_generation[generation].materialized += 1
-
-    def retirable(self, *, seal_active: bool = False) -> bool:
-        """True when a sealed segment (or, with ``seal_active``, the active one) has every file
-        written and waits only for a ``syncfs``."""
-        with self._segments_lock:
-            candidates = self._sealed + ([self._active] if seal_active and self._active else [])
-            return any(seg.records and seg.materialized == seg.records for seg in candidates)
 
     def retire(self, spool_root: str | os.PathLike, *, seal_active: bool = False) -> int:
         """``syncfs`` the spool, then recycle every sealed segment whose files are all written.

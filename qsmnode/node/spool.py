@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from qsmnode.node.durable import fsync_dir, syncfs, write_all, write_durably  # noqa: F401 - re-exported
+from qsmnode.durable import fsync_dir, syncfs, write_all
 from qsmnode.node.journal import ReceiveJournal
 
 log = logging.getLogger("qsmnode.spool")
@@ -88,9 +88,7 @@ class Spool:
             return 0
         records = self.journal.recover()
         for record in records:
-            path = self.root / record.name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._write_file(path, (record.data,))
+            self._write_file(self.root / record.name, (record.data,))
         if records:
             syncfs(self.root)
             log.info("receive journal replayed: %d instance file(s) written again", len(records))
@@ -162,16 +160,10 @@ class Spool:
         ``fsync_directory=True`` adds the POSIX-strict folder fsync for other file systems (it
         doubles the cost). A crash mid-write leaves a partial file that was never acknowledged:
         :meth:`reconcile` validates unindexed files and drops broken ones."""
-        for attempt in (0, 1):
-            self._ensure_dir(path.parent, again=bool(attempt))
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-                break
-            except FileExistsError:
-                return path, False
-            except FileNotFoundError:  # retention removed the series folder meanwhile: create it again
-                if attempt:
-                    raise
+        try:
+            fd = self._open_in_series_dir(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return path, False
         try:
             write_all(fd, parts)
             os.fdatasync(fd)
@@ -184,8 +176,18 @@ class Spool:
             fsync_dir(path.parent)
         return path, True
 
+    def _open_in_series_dir(self, path: Path, flags: int) -> int:
+        """``os.open`` a file in its series folder, creating the folder first (and again when
+        retention removed it meanwhile)."""
+        self._ensure_dir(path.parent)
+        try:
+            return os.open(path, flags, 0o640)
+        except FileNotFoundError:
+            self._ensure_dir(path.parent, again=True)
+            return os.open(path, flags, 0o640)
+
     def _write_file(self, path: Path, parts) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        fd = self._open_in_series_dir(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             write_all(fd, parts)
         finally:
@@ -202,12 +204,7 @@ class Spool:
             generations = []
             for path, (generation, parts) in todo:
                 try:
-                    self._ensure_dir(path.parent)
-                    try:
-                        self._write_file(path, parts)
-                    except FileNotFoundError:  # retention removed the series folder meanwhile
-                        self._ensure_dir(path.parent, again=True)
-                        self._write_file(path, parts)
+                    self._write_file(path, parts)
                 except OSError as err:  # the journal keeps the instance; the next call tries again
                     log.error("cannot write spool file %s (%s); the receive journal keeps it", path, err)
                     continue
@@ -215,8 +212,7 @@ class Spool:
                 with self._pending_lock:
                     del self._pending[path]
             self.journal.materialized(generations)
-            if self.journal.retirable():
-                self.journal.retire(self.root)
+            self.journal.retire(self.root)
             self.journal.ensure_spare()
             return len(generations)
 
@@ -224,7 +220,7 @@ class Spool:
         """Make written spool files durable (``syncfs``) and recycle the journal segments that
         carried them. ``idle``: also the active segment (call it when no instance is arriving).
         Returns the number of segments recycled."""
-        if self.journal is None or not self.journal.retirable(seal_active=idle):
+        if self.journal is None:
             return 0
         with self._materialize_lock:
             return self.journal.retire(self.root, seal_active=idle)

@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from qsmnode.node.spool import fsync_dir, write_durably
+from qsmnode.durable import fsync_dir, write_durably
 
 log = logging.getLogger("qsmnode.worker")
 

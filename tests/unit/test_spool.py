@@ -9,7 +9,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from qsmnode.node.index import Index
-from qsmnode.node.spool import Spool, safe_name, write_durably
+from qsmnode.durable import write_durably
+from qsmnode.node.spool import Spool, safe_name
 
 
 def mr_bytes(tmp_path, n=0, series=None):
