@@ -59,6 +59,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from qsmnode.child_process import die_with_parent
+
 log = logging.getLogger(__name__)
 
 #: at most this many worker processes when the caller does not say (the parent's assembly and
@@ -174,15 +176,8 @@ def _context(method: str):
 
 
 def _worker_init() -> None:
-    """In each worker: die with the parent (Linux), so that a killed job leaves no readers."""
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    """In each worker: die with the parent, so that a killed job leaves no readers."""
+    die_with_parent()
 
 
 # --------------------------------------------------------------------------- pixel transport

@@ -59,6 +59,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from qsmnode.child_process import die_with_parent
 from qsmnode.durable import fsync_dir, write_durably
 
 log = logging.getLogger("qsmnode.worker")
@@ -538,14 +539,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Linux: SIGKILL this process when its parent (the node) dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    """Linux: SIGKILL this process when its parent (the node) dies; exit now if it already has."""
+    die_with_parent()
     if os.getppid() != parent_pid:
         os._exit(3)
 
