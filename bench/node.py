@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,12 +78,27 @@ def start_node(workdir: Path, orthanc: OrthancServer, extra: list[str] = ()) -> 
     return node.start(new_session=True)
 
 
-def receive_runs(root: Path, n: int, receiver: str, orthanc: OrthancServer, image_rows: int = 64) -> list[dict]:
-    """The four storescu modes against ``receiver`` ('node' or 'storescp'); one row each. The
-    storescp reference runs with ``TCP_NODELAY=1`` itself, so only the client's setting varies."""
+def receive_runs(root: Path, n: int, receiver: str, orthanc: OrthancServer, image_rows: int = 64,
+                 repeat: int = 1, associations=(1, 4), clients=("shipped", "nodelay")) -> list[dict]:
+    """The storescu modes (``associations`` x ``clients``) against ``receiver`` ('node' or
+    'storescp'), each ``repeat`` times; one row per run. The storescp reference runs with ``TCP_NODELAY=1`` itself, so only the
+    client's setting varies.
+
+    Before each run the node has caught up with the last one (files written, instances
+    classified), as between the series of a scanner. Every run's instances are written before
+    the first run and deleted after the last: on an ext4
+    without a journal (this development VM's root file system), creating a file within 30 s of
+    deleting many in its block group costs up to 1 ms of kernel time (the allocator skips
+    recently deleted inodes one by one), which would make each run pay for the previous run's
+    clean-up instead of measuring the receiver."""
     rows = []
     workdir = root / f"recv-{receiver}"
     workdir.mkdir()
+    modes = [(assocs, client == "nodelay", k) for assocs in associations for client in clients for k in range(repeat)]
+    sources = {}
+    for assocs, nodelay, k in modes:
+        src = sources[assocs, nodelay, k] = root / f"data-{receiver}-{assocs}-{int(nodelay)}-{k}"
+        make_instances(src, n, rows=image_rows)
     if receiver == "node":
         child = node = start_node(workdir, orthanc)
         port, aet = node.port, node.aet
@@ -94,29 +110,35 @@ def receive_runs(root: Path, n: int, receiver: str, orthanc: OrthancServer, imag
                      new_session=True, env=dict(os.environ, TCP_NODELAY="1"))
         wait_until(lambda: port_open(port), 60, f"storescp to listen on {port}", proc=child.proc, poll_s=0.1)
     try:
-        for assocs in (1, 4):
-            for nodelay in (False, True):
-                src = root / f"data-{receiver}-{assocs}-{int(nodelay)}"
-                make_instances(src, n, rows=image_rows)
-                series_dirs = sorted(src.iterdir())
-                groups = [series_dirs[k::assocs] for k in range(assocs)]
-                before = node.metric("qsmnode_instances_received_total", outcome="stored") if node else 0.0
-                secs, errors = storescu_parallel(groups, port, aet, nodelay)
-                stored = (node.metric("qsmnode_instances_received_total", outcome="stored") - before) if node \
-                    else float(sum(1 for _ in (workdir / "in").iterdir()))
-                if receiver == "storescp":
-                    for f in (workdir / "in").iterdir():
-                        f.unlink()
-                rows.append({"receiver": receiver, "associations": assocs,
-                             "client": "TCP_NODELAY=1" if nodelay else "as shipped", "instances": n,
-                             "stored": int(stored), "seconds": secs, "per_s": n / secs,
-                             "errors": "; ".join(errors)[:80]})
-                print(f"  {receiver:8s} {assocs} assoc {rows[-1]['client']:14s} {n / secs:8.1f}/s "
-                      f"({int(stored)}/{n} stored) {rows[-1]['errors']}", flush=True)
-                shutil.rmtree(src)
+        for assocs, nodelay, k in modes:
+            series_dirs = sorted(sources[assocs, nodelay, k].iterdir())
+            groups = [series_dirs[g::assocs] for g in range(assocs)]
+            if node:  # a pause between bursts, as between a scanner's series: the node catches up first
+                before = node.metric("qsmnode_instances_received_total", outcome="stored")
+                settle(node, int(before))
+            secs, errors = storescu_parallel(groups, port, aet, nodelay)
+            if node:
+                stored = node.metric("qsmnode_instances_received_total", outcome="stored") - before
+            else:
+                stored = float(sum(1 for _ in (workdir / "in").iterdir()))
+                (workdir / "in").rename(workdir / f"in-{len(rows)}")  # kept until the end (see above)
+                (workdir / "in").mkdir()
+            rows.append({"receiver": receiver, "associations": assocs,
+                         "client": "TCP_NODELAY=1" if nodelay else "as shipped", "instances": n,
+                         "stored": int(stored), "seconds": secs, "per_s": n / secs,
+                         "errors": "; ".join(errors)[:80]})
+            print(f"  {receiver:8s} {assocs} assoc {rows[-1]['client']:14s} {n / secs:8.1f}/s "
+                  f"({int(stored)}/{n} stored) {rows[-1]['errors']}", flush=True)
     finally:
         child.stop()
     return rows
+
+
+def settle(node: NodeProcess, stored: int, timeout_s: float = 120.0) -> None:
+    """Wait until the node has written the files of and classified all ``stored`` instances."""
+    node.spool_files(stored, timeout_s)
+    wait_until(lambda: node.metric("qsmnode_stage_seconds_count", stage="classify") >= stored, timeout_s,
+               f"{stored} instances classified")
 
 
 def profile_receiver(root: Path, n: int, orthanc: OrthancServer) -> str:
@@ -222,6 +244,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet-seconds", type=float, default=None,
                     help="node quiet period for the e2e run (written to a --config file)")
     ap.add_argument("--skip-receive", action="store_true")
+    ap.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--clients", nargs="+", choices=["shipped", "nodelay"], default=["shipped", "nodelay"],
+                    help="storescu as shipped (Nagle on) and/or with TCP_NODELAY=1")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each receive mode (median reported)")
     ap.add_argument("--reference-instances", type=int, default=300,
                     help="instances per run against the DCMTK storescp reference")
     ap.add_argument("--skip-reference", action="store_true", help="skip the DCMTK storescp reference runs")
@@ -240,9 +266,11 @@ def main(argv=None) -> int:
         if not args.skip_receive:
             print(f"receive: {args.instances} instances of {args.rows}x{args.rows} int16 per run", flush=True)
             if not args.skip_reference:
-                rows += receive_runs(root, args.reference_instances, "storescp", orthanc, args.rows)
+                rows += receive_runs(root, args.reference_instances, "storescp", orthanc, args.rows, args.repeat,
+                                     args.associations, args.clients)
             if serve_unavailable() is None:
-                rows += receive_runs(root, args.instances, "node", orthanc, args.rows)
+                rows += receive_runs(root, args.instances, "node", orthanc, args.rows, args.repeat,
+                                     args.associations, args.clients)
             else:
                 print("  `qsmnode serve` is not available: node runs skipped", flush=True)
         if args.profile:
@@ -258,10 +286,16 @@ def main(argv=None) -> int:
         else:
             print(f"kept {root}")
     print()
-    print(f"{'receiver':10s} {'assocs':>6s} {'client':14s} {'inst/s':>8s} {'stored':>9s}")
+    print(f"{'receiver':10s} {'assocs':>6s} {'client':14s} {'median/s':>9s} {'runs (inst/s)':28s} {'stored':>11s}")
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        print(f"{r['receiver']:10s} {r['associations']:6d} {r['client']:14s} {r['per_s']:8.1f} "
-              f"{r['stored']:5d}/{r['instances']:<4d}{'  ' + r['errors'] if r['errors'] else ''}")
+        groups.setdefault((r["receiver"], r["associations"], r["client"]), []).append(r)
+    for (receiver, assocs, client), runs in groups.items():
+        rates = [r["per_s"] for r in runs]
+        errors = "; ".join(r["errors"] for r in runs if r["errors"])
+        print(f"{receiver:10s} {assocs:6d} {client:14s} {statistics.median(rates):9.1f} "
+              f"{', '.join(f'{x:.0f}' for x in rates):28s} {sum(r['stored'] for r in runs):5d}/"
+              f"{sum(r['instances'] for r in runs):<5d}{'  ' + errors if errors else ''}")
     if e2e_row:
         print(f"\nend to end (3 T, CPU): {e2e_row['instances_in']} instances in, sent in "
               f"{e2e_row['send_seconds']:.1f} s; {e2e_row['outputs']} outputs in Orthanc "

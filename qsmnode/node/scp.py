@@ -4,9 +4,9 @@ Every instance is made durable by the spool (:meth:`qsmnode.node.spool.Spool.sto
 and ``fdatasync`` to the receive journal, or for large instances a file created with ``O_EXCL``
 and ``fdatasync``ed) BEFORE the success status goes back, so an acknowledged instance survives a
 crash. The bytes are stored exactly as received, behind a File Meta header; pixels are never
-decoded here. The spool file and the index row are written right after the response by a
-batching thread (:class:`_IndexFeeder`); a crash in between is repaired at start-up by
-:meth:`qsmnode.node.spool.Spool.open` (journal replay) and
+decoded here. A batching thread (:class:`_IndexFeeder`) indexes the instance right after the
+response and writes its spool file when the burst pauses; a crash in between is repaired at
+start-up by :meth:`qsmnode.node.spool.Spool.open` (journal replay) and
 :meth:`qsmnode.node.spool.Spool.reconcile` (indexing files the index lacks).
 
 The upper layer is :mod:`qsmnode.node.upper_layer` (pynetdicom negotiates the association; the
@@ -50,6 +50,7 @@ from qsmnode.dicom.uids import deterministic_uid
 from qsmnode.node import upper_layer as ul
 from qsmnode.node.instance_header import InstanceHeader, MalformedDataset, read_header
 from qsmnode.node.tcp import quick_ack
+from qsmnode.threads import lower_thread_priority
 
 log = logging.getLogger("qsmnode.receiver")
 
@@ -142,17 +143,23 @@ def _peer_allowed(host: str, networks: list) -> bool:
 
 
 class _IndexFeeder:
-    """Off the acknowledgement path, many per pass: writes the spool files of journaled instances
-    (:meth:`qsmnode.node.spool.Spool.materialize`), records the instances in the index in one
-    transaction, then wakes the tracker. Every ``checkpoint_s`` (or when nothing arrives for that
-    long) it checkpoints the spool: syncs the files and recycles the journal, so no journal record
-    outlives its file by more than a few seconds (retention may delete the file later; a replay
-    must not bring it back). ``flush()`` waits until everything queued is in the index."""
+    """Off the acknowledgement path: records received instances in the index, many per
+    transaction, and wakes the tracker; writes their spool files
+    (:meth:`qsmnode.node.spool.Spool.materialize`) once the burst pauses for ``idle_s``, or when
+    more than ``pending_budget`` bytes wait in memory, or ``max_defer_s`` after the last time;
+    and checkpoints the spool (syncs the files, recycles the journal) when nothing arrives for
+    ``checkpoint_s``, so no journal record outlives its file by more than a few seconds
+    (retention may delete the file later; a replay must not bring it back). ``flush()`` waits
+    until everything queued is indexed and written."""
 
-    def __init__(self, spool, index, on_stored: Callable[[], None], checkpoint_s: float = 2.0):
+    def __init__(self, spool, index, on_stored: Callable[[], None], *, idle_s: float = 0.1,
+                 pending_budget: int = 256 << 20, max_defer_s: float = 10.0, checkpoint_s: float = 2.0):
         self.spool = spool
         self.index = index
         self.on_stored = on_stored
+        self.idle_s = idle_s
+        self.pending_budget = pending_budget
+        self.max_defer_s = max_defer_s
         self.checkpoint_s = checkpoint_s
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="qsmnode-index-feeder", daemon=True)
@@ -172,37 +179,53 @@ class _IndexFeeder:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        last_checkpoint = time.monotonic()
+        lower_thread_priority()
+        last_written = last_checkpoint = time.monotonic()
         while True:
-            if time.monotonic() - last_checkpoint >= self.checkpoint_s:
-                try:
-                    self.spool.checkpoint(idle=True)
-                except OSError:
-                    log.exception("spool checkpoint failed; the receive journal keeps the instances")
-                last_checkpoint = time.monotonic()
-            try:
-                item = self._queue.get(timeout=self.checkpoint_s)
-            except queue.Empty:
-                continue
-            batch = [item]
-            while len(batch) < 1000:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._take(self.idle_s if self.spool.pending_bytes else self.checkpoint_s)
             rows = [b for b in batch if isinstance(b, tuple)]
+            events = [b for b in batch if not isinstance(b, tuple)]  # flush() Events, stop()'s None
             if rows:
                 try:
-                    self.spool.materialize()
                     self.index.add_instances(rows)
-                except Exception:  # noqa: BLE001 - journal/files are durable; a restart replays and re-indexes
+                except Exception:  # noqa: BLE001 - the journal is durable; a restart replays and re-indexes
                     log.exception("could not index %d received instance(s); a restart will re-index them", len(rows))
                 self.on_stored()
-            for b in batch:
-                if isinstance(b, threading.Event):
+            now = time.monotonic()
+            if (not batch or events or self.spool.pending_bytes > self.pending_budget
+                    or now - last_written >= self.max_defer_s):
+                checkpoint = now - last_checkpoint >= self.checkpoint_s
+                self._write_files(checkpoint)
+                last_written = time.monotonic()
+                if checkpoint:
+                    last_checkpoint = last_written
+            self.spool.prepare_journal()
+            for b in events:
+                if b is not None:
                     b.set()
-            if any(b is None for b in batch):
+            if None in events:
                 return
+
+    def _take(self, timeout: float) -> list:
+        """What is queued (up to 1,000 items), waiting up to ``timeout`` s for the first; [] if none came."""
+        try:
+            batch = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(batch) < 1000:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _write_files(self, checkpoint: bool) -> None:
+        try:
+            self.spool.materialize()
+            if checkpoint:
+                self.spool.checkpoint(idle=True)
+        except OSError:
+            log.exception("could not write or sync the spool files; the receive journal keeps the instances")
 
 
 class _SocketReader:

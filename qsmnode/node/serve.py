@@ -59,6 +59,7 @@ class Node:
 
     def __init__(self, config):
         from qsmnode.node.audit import AuditLog
+        from qsmnode.node.classifier import ClassifierProcess
         from qsmnode.node.dispatch import Dispatcher
         from qsmnode.node.metrics import NodeMetrics
         from qsmnode.node.retention import Retention
@@ -75,7 +76,9 @@ class Node:
         self.dispatcher = Dispatcher(config.db_path, config.ae_title, self.metrics, self.audit,
                                      **asdict(config.dispatch), on_job_done=self._on_dispatched)
         self.worker = WorkerPool(config, self.index, self.dispatcher, metrics=self.metrics, audit=self.audit)
-        self.tracker = Tracker(config, self.index, metrics=self.metrics, audit=self.audit, on_job=self.worker.notify)
+        self.classifier = ClassifierProcess()
+        self.tracker = Tracker(config, self.index, spool=self.spool, metrics=self.metrics, audit=self.audit,
+                               on_job=self.worker.notify, classifier=self.classifier)
         self.receiver = Receiver(config, self.spool, self.index, self.metrics, self.audit,
                                  on_stored=self.tracker.notify)
         self.retention = Retention(config, self.index, self.spool, self.dispatcher, audit=self.audit)
@@ -163,6 +166,7 @@ class Node:
         self.receiver.stop()
         self.spool.close()
         self.tracker.stop()
+        self.classifier.close()
         self.worker.stop()
         self.retention.stop()
         self.dispatcher.stop()

@@ -19,25 +19,24 @@ with the missing slices (InstanceNumbers) and echoes named, as a failed job that
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import threading
 import time
 from collections import Counter, defaultdict
+from functools import partial
 from typing import Callable
 
 import pydicom
 
+from qsmnode.dicom.classify import classify_instance
+from qsmnode.node.classifier import Classified, classify_sources
 from qsmnode.node.rules import AcquisitionFacts, match_rules, resolve_destinations
+from qsmnode.threads import lower_thread_priority
 
 log = logging.getLogger("qsmnode.tracker")
 
 _HEADER_TAGS = None  # read whole headers (stop_before_pixels): rules may test any attribute
-
-
-def _default_classify(ds):
-    from qsmnode.dicom.classify import classify_instance
-
-    return classify_instance(ds)
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -92,19 +91,27 @@ class Tracker:
     """Turns indexed instances into queued jobs (see module docstring).
 
     ``config``: NodeConfig (quiet/cap times, rules, destinations, known AEs); ``index``: Index;
-    ``on_job(job_id)`` is called after a job is queued (the worker's wake-up); ``classify``: the
-    per-instance classifier (default: qsmnode.dicom.classify.classify_instance); ``clock``: seconds.
+    ``spool``: the Spool the instances are in (read through it, since a just-received instance
+    may not have its file yet; its files are written before a job is queued), or None to read
+    the indexed paths directly; ``on_job(job_id)`` is called after a job is queued (the worker's
+    wake-up); ``classifier``: classifies a batch of instances
+    (:class:`qsmnode.node.classifier.ClassifierProcess` in the node), by default
+    :func:`qsmnode.node.classifier.classify_sources` in this thread with ``classify`` (a
+    Dataset -> InstanceInfo function, default qsmnode.dicom.classify.classify_instance);
+    ``clock``: seconds.
     """
 
-    def __init__(self, config, index, *, metrics=None, audit=None, on_job: Callable[[str], None] | None = None,
-                 classify: Callable | None = None, clock: Callable[[], float] = time.time,
+    def __init__(self, config, index, *, spool=None, metrics=None, audit=None,
+                 on_job: Callable[[str], None] | None = None, classifier: Callable | None = None,
+                 classify: Callable = classify_instance, clock: Callable[[], float] = time.time,
                  poll_seconds: float = 0.5):
         self.config = config
         self.index = index
+        self.spool = spool
         self.metrics = metrics
         self.audit = audit
         self.on_job = on_job or (lambda job_id: None)
-        self.classify = classify or _default_classify
+        self.classifier = classifier or partial(classify_sources, classify=classify)
         self.clock = clock
         self.poll_seconds = poll_seconds
         self._wake = threading.Event()
@@ -128,6 +135,7 @@ class Tracker:
             self._thread = None
 
     def _run(self) -> None:
+        lower_thread_priority()
         while not self._stop.is_set():
             self._wake.wait(self.poll_seconds)
             # while instances keep arriving, let the receiver have the CPU (and the GIL): classify
@@ -154,27 +162,36 @@ class Tracker:
 
     def classify_pending(self, batch: int = 500) -> int:
         rows = self.index.unclassified(batch)
-        for row in rows:
-            t0 = time.perf_counter()
-            try:
-                ds = pydicom.dcmread(row["path"], stop_before_pixels=True)
-                info = self.classify(ds)
-                number = ds.get("InstanceNumber", None)
+        if not rows:
+            return 0
+        t0 = time.perf_counter()
+        results = self.classifier([self._source(row["path"]) for row in rows])
+        for row, result in zip(rows, results):
+            if isinstance(result, Classified):
+                info = result.info
                 key = info.acquisition_key if not info.refusal else f"refused:{row['series_instance_uid']}"
                 self.index.record_classification(
                     row, component=info.component, echo_numbers=tuple(info.echo_numbers),
-                    instance_number=int(number) if number not in (None, "") else None,
-                    acquisition_key=key, expected_in_series=info.expected_in_series,
-                    description=str(ds.get("SeriesDescription", "") or ""), refusal=info.refusal)
-            except Exception as err:  # noqa: BLE001 - an unreadable file must not stop the tracker
-                log.warning("cannot classify %s: %s", row["path"], err)
+                    instance_number=result.instance_number, acquisition_key=key,
+                    expected_in_series=info.expected_in_series, description=result.description,
+                    refusal=info.refusal)
+            else:  # an unreadable instance is kept apart; it must not stop the tracker
+                log.warning("cannot classify %s: %s", row["path"], result)
                 self.index.record_classification(
                     row, component=None, echo_numbers=(), instance_number=None,
                     acquisition_key=f"refused:{row['series_instance_uid']}", expected_in_series=None,
-                    refusal=f"unreadable header ({type(err).__name__}: {err})")
-            if self.metrics:
-                self.metrics.stage_seconds.labels(stage="classify").observe(time.perf_counter() - t0)
+                    refusal=f"unreadable header ({result})")
+        if self.metrics:
+            each = (time.perf_counter() - t0) / len(rows)
+            for _ in rows:
+                self.metrics.stage_seconds.labels(stage="classify").observe(each)
         return len(rows)
+
+    def _source(self, path: str) -> bytes | str:
+        """An instance for the classifier: its bytes while its file is not written yet, else its path."""
+        if self.spool is None:
+            return path
+        return self.spool.pending_data(path) or path
 
     def check_acquisitions(self, now: float) -> list[str]:
         jobs = []
@@ -213,12 +230,23 @@ class Tracker:
                 jobs.append(job)
         return jobs
 
+    def _read_header(self, path: str) -> pydicom.Dataset:
+        source = self._source(path)
+        return pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=True)
+
+    def _create_job(self, acq: dict, **job) -> str:
+        """Queue (or record as failed) a job for ``acq``, after its instances' files are written:
+        the job's process reads them."""
+        if self.spool is not None:
+            self.spool.materialize()
+        return self.index.create_job(acq["id"], acq["generation"], **job)
+
     def facts(self, acq: dict, series: list[dict]) -> AcquisitionFacts:
         """Rule facts for an acquisition: one header per series plus components, echoes, senders."""
         headers = []
         for s in series:
             try:
-                headers.append(pydicom.dcmread(s["first_path"], stop_before_pixels=True))
+                headers.append(self._read_header(s["first_path"]))
             except Exception as err:  # noqa: BLE001
                 log.warning("cannot read header %s: %s", s["first_path"], err)
         echoes = set()
@@ -249,8 +277,8 @@ class Tracker:
         params = {"parametric_map": rule.parametric_map, "summary_image": rule.summary_image,
                   "overrides": rule.overrides, "instances": n, "series": uids, "why_complete": why,
                   "rule_explanation": lines}
-        job_id = self.index.create_job(acq["id"], acq["generation"], rule=rule.name, preset=rule.preset,
-                                       destinations=[dataclasses.asdict(d) for d in dests], params=params)
+        job_id = self._create_job(acq, rule=rule.name, preset=rule.preset,
+                                  destinations=[dataclasses.asdict(d) for d in dests], params=params)
         if not self.index.set_acquisition_state(acq["id"], "queued", generation=acq["generation"]):
             log.info("acquisition %d re-opened while queuing job %s", acq["id"], job_id)
         log.info("acquisition %d complete (%s): %d instances in %d series, rule %r, job %s -> %s", acq["id"], why, n,
@@ -278,10 +306,9 @@ class Tracker:
         if rule is not None:
             params.update(parametric_map=rule.parametric_map, summary_image=rule.summary_image,
                           overrides=rule.overrides)
-        job_id = self.index.create_job(acq["id"], acq["generation"], rule=rule.name if rule else "",
-                                       preset=rule.preset if rule else "auto",
-                                       destinations=[dataclasses.asdict(d) for d in dests],
-                                       params=params, state="failed", reason=reason)
+        job_id = self._create_job(acq, rule=rule.name if rule else "", preset=rule.preset if rule else "auto",
+                                  destinations=[dataclasses.asdict(d) for d in dests], params=params,
+                                  state="failed", reason=reason)
         self.index.set_acquisition_state(acq["id"], "failed", reason, generation=acq["generation"])
         log.warning("acquisition %d failed: %s", acq["id"], reason)
         if self.audit:

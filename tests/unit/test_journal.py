@@ -213,3 +213,59 @@ def test_a_spare_segment_is_made_off_the_acknowledgement_path(tmp_path):
     for n in range(1, 25):  # past the end of the first segment: the append takes the spare
         journal.append(f"s/{n}.dcm", [payload(n)])
     assert len(list(tmp_path.glob("*.seg"))) == 2
+
+
+class _RowsIndex:
+    def __init__(self):
+        self.rows = []
+
+    def add_instances(self, rows):
+        self.rows += rows
+
+
+def _feed(spool, feeder, count, start=0):
+    for path in store_many(spool, count, start=start):
+        feeder.put(("uid", "series", "study", str(path), "AE", "1.2.840.10008.5.1.4.1.1.4", 0.0))
+
+
+def test_the_receivers_feeder_indexes_at_once_and_writes_files_in_a_pause(tmp_path):
+    """Files are written when the burst pauses (or on flush), not while instances arrive."""
+    from qsmnode.node.scp import _IndexFeeder
+
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    spool.open()
+    index, woken = _RowsIndex(), []
+    feeder = _IndexFeeder(spool, index, lambda: woken.append(1), idle_s=30.0, max_defer_s=60.0)
+    try:
+        _feed(spool, feeder, 20)
+        deadline = time.monotonic() + 10
+        while len(index.rows) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(index.rows) == 20 and woken
+        assert spool.pending_bytes > 0 and not any(Path(r[3]).exists() for r in index.rows)
+        assert spool.pending_data(index.rows[0][3]) == payload(0)
+        feeder.flush()
+        assert spool.pending_bytes == 0 and all(Path(r[3]).read_bytes() == payload(n) for n, r in enumerate(index.rows))
+        assert spool.pending_data(index.rows[0][3]) is None
+    finally:
+        feeder.stop()
+        spool.close()
+
+
+def test_the_feeder_writes_files_during_a_burst_past_its_memory_budget(tmp_path):
+    from qsmnode.node.scp import _IndexFeeder
+
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    spool.open()
+    index = _RowsIndex()
+    feeder = _IndexFeeder(spool, index, lambda: None, idle_s=30.0, max_defer_s=60.0, pending_budget=10_000)
+    try:
+        _feed(spool, feeder, 20)  # 60 kB, six times the budget
+        deadline = time.monotonic() + 10
+        while spool.pending_bytes > 10_000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert spool.pending_bytes <= 10_000
+        assert sum(Path(r[3]).exists() for r in index.rows) >= 17
+    finally:
+        feeder.stop()
+        spool.close()

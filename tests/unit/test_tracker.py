@@ -1,6 +1,7 @@
 """Series tracker on a real simulated acquisition: completion by count, by quiet time, the incomplete cap
 (with the missing slices named), refused series, re-opening, and rule/destination choice."""
 
+import os
 import shutil
 
 import pydicom
@@ -145,3 +146,31 @@ def test_test_rule_command_explains_the_match(scan, tmp_path, capsys):
                    'SeriesDescription = "^t1"\n')
     assert main(["test-rule", "--config", str(cfg), str(by_type["M"]), str(by_type["P"])]) == 1
     assert "matches none of ['^t1']" in capsys.readouterr().out
+
+
+def test_instances_still_in_memory_are_classified_and_written_before_the_job(tmp_path, scan):
+    """Journaled instances have no file yet: the tracker reads them from the spool (here through
+    the classifier child process, as in the node) and writes their files before queueing the job."""
+    from qsmnode.node.classifier import ClassifierProcess
+    from qsmnode.node.spool import Spool
+
+    spool = Spool(tmp_path / "storage")
+    spool.open()
+    index = Index(tmp_path / "i.sqlite")
+    for p in scan.paths:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        path, stored = spool.store(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), open(p, "rb").read())
+        assert stored and not path.exists()
+        index.add_instance(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), path,
+                           calling_ae="MR1", received_at=1000.0)
+    classifier = ClassifierProcess()
+    try:
+        tracker = Tracker(config(), index, spool=spool, classifier=classifier)
+        (job_id,) = tracker.step(now=1000.5)
+    finally:
+        classifier.close()
+        spool.close()
+    assert {s["component"] for s in index.series_of_acquisition(index.job(job_id)["acquisition_id"])} == {
+        "magnitude", "phase"}
+    inputs = [i["path"] for i in index.instances_of_acquisition(index.job(job_id)["acquisition_id"])]
+    assert len(inputs) == len(scan.paths) and all(os.path.getsize(p) > 0 for p in inputs)
