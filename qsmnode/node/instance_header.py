@@ -44,6 +44,8 @@ class InstanceHeader:
     """The attributes the receiver checks, as read from the data set (None when absent).
 
     ``pixel_data_length``: bytes of native Pixel Data, ``-1`` for encapsulated (compressed) pixel data.
+    ``pixel_data_offset``: where the top-level Pixel Data element starts in the encoded data set
+    (None when absent, or when the data set was not walked as sent: deflated, big endian).
     """
 
     sop_class_uid: str | None = None
@@ -57,6 +59,7 @@ class InstanceHeader:
     samples_per_pixel: int | None = None
     number_of_frames: str | None = None
     pixel_data_length: int | None = None
+    pixel_data_offset: int | None = None
 
 
 def read_header(data: bytes | memoryview, transfer_syntax: str) -> InstanceHeader:
@@ -70,6 +73,8 @@ def read_header(data: bytes | memoryview, transfer_syntax: str) -> InstanceHeade
             raise MalformedDataset(f"the deflated data set does not inflate ({err})") from None
     header = InstanceHeader()
     _walk(memoryview(data), 0, len(data), transfer_syntax == IMPLICIT_VR_LE, header)
+    if transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
+        header.pixel_data_offset = None  # an offset into the inflated data, not into what was sent
     return header
 
 
@@ -127,6 +132,8 @@ def _walk(view: memoryview, pos: int, end: int, implicit: bool, header: Instance
             else:
                 value_at = pos + 8
         tag = group << 16 | element
+        if header is not None and tag == PIXEL_DATA:
+            header.pixel_data_offset = pos
         if tag == _ITEM_END and until_item_end:
             return pos + 8
         if group == 0xFFFE:

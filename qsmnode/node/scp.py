@@ -134,6 +134,14 @@ def check_instance(header: InstanceHeader, sop_class_uid: str, sop_instance_uid:
                           "send the file again")
 
 
+def _header_bytes(meta: bytes, header: InstanceHeader, data_length: int) -> int | None:
+    """Leading bytes of the stored file (File Meta + data set) that a header reader needs: up to
+    the Pixel Data element's tag, VR and length, where it stops."""
+    if header.pixel_data_offset is None:
+        return None
+    return len(meta) + min(header.pixel_data_offset + 12, data_length)
+
+
 def _peer_allowed(host: str, networks: list) -> bool:
     try:
         ip = ipaddress.ip_address(host)
@@ -153,7 +161,7 @@ class _IndexFeeder:
     until everything queued is indexed and written."""
 
     def __init__(self, spool, index, on_stored: Callable[[], None], *, idle_s: float = 0.1,
-                 pending_budget: int = 256 << 20, max_defer_s: float = 10.0, checkpoint_s: float = 2.0):
+                 pending_budget: int = 64 << 20, max_defer_s: float = 10.0, checkpoint_s: float = 2.0):
         self.spool = spool
         self.index = index
         self.on_stored = on_stored
@@ -531,7 +539,8 @@ class Receiver:
             meta = ul.file_meta(sop_class, sop_uid, transfer_syntax, implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                                 implementation_version=IMPLEMENTATION_VERSION, source_ae=assoc.calling_ae)
             try:
-                path, stored = self.spool.store(header.series_instance_uid, sop_uid, meta, data)
+                path, stored = self.spool.store(header.series_instance_uid, sop_uid, meta, data,
+                                                header_bytes=_header_bytes(meta, header, len(data)))
             except OSError as err:
                 raise Refusal(STATUS_OUT_OF_RESOURCES, f"node could not store the instance ({err.strerror}); "
                               "send again later") from None

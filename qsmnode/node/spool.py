@@ -81,7 +81,8 @@ class Spool:
         self._opened = False
         self._dirs: set[str] = set()
         self._dir_lock = threading.Lock()
-        # journaled, not yet written as files: path -> (generation, parts); None while being journaled
+        # journaled, not yet written as files: path -> (generation, parts, header_bytes); None while
+        # being journaled
         self._pending: dict[Path, tuple[int, tuple] | None] = {}
         self._pending_bytes = 0
         self._pending_lock = threading.Lock()
@@ -132,12 +133,22 @@ class Spool:
         path = self.path_for(series_uid, sop_uid)
         return path in self._pending or path.exists()
 
-    def pending_data(self, path: str | os.PathLike) -> bytes | None:
+    def pending_data(self, path: str | os.PathLike, *, header_only: bool = False) -> bytes | None:
         """A stored instance's bytes while its file is not written yet (journaled, see the module
-        docstring); None once it is (read the file)."""
+        docstring); None once it is (read the file). ``header_only``: only the leading bytes
+        before the pixel data, when the receiver said where they end."""
         with self._pending_lock:
             entry = self._pending.get(Path(path))
-        return b"".join(entry[1]) if entry is not None else None
+        if entry is None:
+            return None
+        _, parts, header_bytes = entry
+        if not (header_only and header_bytes):
+            return b"".join(parts)
+        out, left = [], header_bytes
+        for part in parts:
+            out.append(part[:left])
+            left -= len(out[-1])
+        return b"".join(out)
 
     @property
     def pending_bytes(self) -> int:
@@ -145,11 +156,14 @@ class Spool:
         return self._pending_bytes
 
     # ------------------------------------------------------------------ storing
-    def store(self, series_uid: str, sop_uid: str, *parts: bytes | memoryview) -> tuple[Path, bool]:
+    def store(self, series_uid: str, sop_uid: str, *parts: bytes | memoryview,
+              header_bytes: int | None = None) -> tuple[Path, bool]:
         """Durably store one instance file made of ``parts`` (e.g. File Meta + data set as received).
         Returns (path, stored): stored is False for a duplicate (the instance is already stored or
         being stored; the first copy is kept). Durable when this returns; the file itself may
-        appear a moment later (journaled instances, see the module docstring)."""
+        appear a moment later (journaled instances, see the module docstring). ``header_bytes``:
+        how many leading bytes hold everything but the pixel data, if known
+        (:meth:`pending_data` ``header_only``)."""
         if not self._opened:
             raise RuntimeError("Spool.open() must be called before storing")
         path = self.path_for(series_uid, sop_uid)
@@ -162,7 +176,7 @@ class Spool:
             if self.journal is not None and size + 1024 <= self.journal.max_payload:
                 generation = self.journal.append(str(path.relative_to(self.root)), parts)
                 with self._pending_lock:
-                    self._pending[path] = (generation, parts)
+                    self._pending[path] = (generation, parts, header_bytes)
                     self._pending_bytes += size
                 return path, True
         except BaseException:
@@ -227,7 +241,7 @@ class Spool:
             with self._pending_lock:
                 todo = [(p, v) for p, v in self._pending.items() if v is not None]
             generations = []
-            for path, (generation, parts) in todo:
+            for path, (generation, parts, _) in todo:
                 try:
                     self._write_file(path, parts)
                 except OSError as err:  # the journal keeps the instance; the next call tries again

@@ -188,10 +188,11 @@ class Tracker:
         return len(rows)
 
     def _source(self, path: str) -> bytes | str:
-        """An instance for the classifier: its bytes while its file is not written yet, else its path."""
+        """An instance's header for the classifier: its leading bytes while its file is not
+        written yet, else its path."""
         if self.spool is None:
             return path
-        return self.spool.pending_data(path) or path
+        return self.spool.pending_data(path, header_only=True) or path
 
     def check_acquisitions(self, now: float) -> list[str]:
         jobs = []

@@ -3,6 +3,7 @@
 
 import os
 import shutil
+import struct
 
 import pydicom
 import pytest
@@ -152,6 +153,8 @@ def test_instances_still_in_memory_are_classified_and_written_before_the_job(tmp
     """Journaled instances have no file yet: the tracker reads them from the spool (here through
     the classifier child process, as in the node) and writes their files before queueing the job."""
     from qsmnode.node.classifier import ClassifierProcess
+    from qsmnode.node.instance_header import read_header
+    from qsmnode.node.scp import _header_bytes
     from qsmnode.node.spool import Spool
 
     spool = Spool(tmp_path / "storage")
@@ -159,8 +162,15 @@ def test_instances_still_in_memory_are_classified_and_written_before_the_job(tmp
     index = Index(tmp_path / "i.sqlite")
     for p in scan.paths:
         ds = pydicom.dcmread(p, stop_before_pixels=True)
-        path, stored = spool.store(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), open(p, "rb").read())
+        raw = open(p, "rb").read()
+        meta_end = 132 + 12 + struct.unpack_from("<I", raw, 140)[0]  # preamble, DICM, (0002,0000) UL
+        header = read_header(raw[meta_end:], str(ds.file_meta.TransferSyntaxUID))
+        header_bytes = _header_bytes(raw[:meta_end], header, len(raw) - meta_end)
+        assert header_bytes <= len(raw) - 24 * 24 * 2  # the pixels stay behind
+        path, stored = spool.store(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), raw[:meta_end],
+                                   raw[meta_end:], header_bytes=header_bytes)
         assert stored and not path.exists()
+        assert spool.pending_data(path, header_only=True) == raw[:header_bytes]
         index.add_instance(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), path,
                            calling_ae="MR1", received_at=1000.0)
     classifier = ClassifierProcess()
