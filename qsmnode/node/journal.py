@@ -118,14 +118,15 @@ class ReceiveJournal:
         self._generations = itertools.count(last + 1)
         return records
 
-    def start(self) -> None:
+    def start(self, spares: int = 1) -> None:
         """Recycle the segments :meth:`recover` read (their records must be replayed and synced
-        by now) and make sure a spare segment is ready."""
+        by now) and make sure at least ``spares`` segments are ready (as many as a burst fills
+        before its files are written, so no append has to write a new one)."""
         if self._recovered is None:
             self.recover()
         self._spares = [self._recycle(path) for path in self._recovered]
         self._recovered = []
-        if not self._spares:
+        while len(self._spares) < max(1, spares):
             self._spares.append(self._create(next(self._generations)))
         fsync_dir(self.directory)
 

@@ -154,19 +154,18 @@ class _IndexFeeder:
     """Off the acknowledgement path: records received instances in the index, many per
     transaction, and wakes the tracker; writes their spool files
     (:meth:`qsmnode.node.spool.Spool.materialize`) once the burst pauses for ``idle_s``, or when
-    more than ``pending_budget`` bytes wait in memory, or ``max_defer_s`` after the last time;
+    the spool is over its memory budget, or ``max_defer_s`` after the last time;
     and checkpoints the spool (syncs the files, recycles the journal) when nothing arrives for
     ``checkpoint_s``, so no journal record outlives its file by more than a few seconds
     (retention may delete the file later; a replay must not bring it back). ``flush()`` waits
     until everything queued is indexed and written."""
 
     def __init__(self, spool, index, on_stored: Callable[[], None], *, idle_s: float = 0.1,
-                 pending_budget: int = 64 << 20, max_defer_s: float = 10.0, checkpoint_s: float = 2.0):
+                 max_defer_s: float = 10.0, checkpoint_s: float = 2.0):
         self.spool = spool
         self.index = index
         self.on_stored = on_stored
         self.idle_s = idle_s
-        self.pending_budget = pending_budget
         self.max_defer_s = max_defer_s
         self.checkpoint_s = checkpoint_s
         self._queue: queue.Queue = queue.Queue()
@@ -200,7 +199,7 @@ class _IndexFeeder:
                     log.exception("could not index %d received instance(s); a restart will re-index them", len(rows))
                 self.on_stored()
             now = time.monotonic()
-            if (not batch or events or self.spool.pending_bytes > self.pending_budget
+            if (not batch or events or self.spool.over_budget
                     or now - last_written >= self.max_defer_s):
                 checkpoint = now - last_checkpoint >= self.checkpoint_s
                 self._write_files(checkpoint)

@@ -68,12 +68,15 @@ class Spool:
 
     Call :meth:`open` before the first :meth:`store` (it replays the journal) and :meth:`close`
     on shutdown. ``journal_segment_bytes``: size of one journal segment; instances larger than a
-    quarter of it are written directly.
+    quarter of it are written directly. ``pending_budget``: bytes of journaled instances that
+    may wait in memory for their files (:attr:`over_budget`); the journal keeps enough segments
+    ready for that much.
     """
 
     def __init__(self, storage: str | os.PathLike, *, fsync_directory: bool = False, journal: bool = True,
-                 journal_segment_bytes: int = 16 << 20):
+                 journal_segment_bytes: int = 16 << 20, pending_budget: int = 64 << 20):
         self.storage = Path(storage)
+        self.pending_budget = pending_budget
         self.fsync_directory = fsync_directory
         self.root = self.storage / "spool"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,7 @@ class Spool:
         self._dir_lock = threading.Lock()
         # journaled, not yet written as files: path -> (generation, parts, header_bytes); None while
         # being journaled
-        self._pending: dict[Path, tuple[int, tuple] | None] = {}
+        self._pending: dict[Path, tuple[int, tuple, int | None] | None] = {}
         self._pending_bytes = 0
         self._pending_lock = threading.Lock()
         self._materialize_lock = threading.Lock()
@@ -102,7 +105,7 @@ class Spool:
         if records:
             syncfs(self.root)
             log.info("receive journal replayed: %d instance file(s) written again", len(records))
-        self.journal.start()
+        self.journal.start(spares=-(-self.pending_budget // self.journal.segment_bytes) + 1)
         self._opened = True
         return len(records)
 
@@ -154,6 +157,11 @@ class Spool:
     def pending_bytes(self) -> int:
         """Bytes of journaled instances whose files are not written yet (held in memory)."""
         return self._pending_bytes
+
+    @property
+    def over_budget(self) -> bool:
+        """More than ``pending_budget`` bytes wait for their files: write them now."""
+        return self._pending_bytes > self.pending_budget
 
     # ------------------------------------------------------------------ storing
     def store(self, series_uid: str, sop_uid: str, *parts: bytes | memoryview,

@@ -38,25 +38,25 @@ def store_many(spool: Spool, count: int, *, start: int = 0, size: int = 3000) ->
 
 
 def test_acknowledged_instances_are_replayed_after_a_crash(tmp_path):
-    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
     spool.open()
     stored = store_many(spool, 50)  # several segments, none of the files written yet
     assert not any(p.exists() for p in stored)
-    reopened = Spool(tmp_path, journal_segment_bytes=SEGMENT)  # the first one "crashed"
+    reopened = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)  # the first one "crashed"
     assert reopened.open() == 50
     assert all(p.read_bytes() == data for p, data in stored.items())
-    again = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    again = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
     assert again.open() == 0  # replayed segments were recycled
 
 
 def test_files_cut_short_by_a_crash_are_written_again(tmp_path):
-    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
     spool.open()
     stored = store_many(spool, 5)
     spool.materialize()  # written, not yet synced: a power cut could leave them short
     first = next(iter(stored))
     first.write_bytes(stored[first][:10])
-    assert Spool(tmp_path, journal_segment_bytes=SEGMENT).open() == 5
+    assert Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT).open() == 5
     assert first.read_bytes() == stored[first]
 
 
@@ -76,7 +76,7 @@ def test_a_torn_record_ends_the_replay_without_error(tmp_path):
 
 def test_retired_instances_are_never_brought_back(tmp_path):
     """Retention deletes files long after they were received; a replay must not resurrect them."""
-    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
     spool.open()
     old = store_many(spool, 40)
     spool.materialize()  # the full segments are synced and recycled here
@@ -84,14 +84,14 @@ def test_retired_instances_are_never_brought_back(tmp_path):
     assert all(p.exists() for p in old)
     spool.remove_files(old)
     new = store_many(spool, 3, start=100)  # acknowledged, then the node crashes
-    reopened = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    reopened = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
     assert reopened.open() == 3
     assert all(p.read_bytes() == data for p, data in new.items())
     assert not any(p.exists() for p in old)
 
 
 def test_segments_are_recycled_not_grown(tmp_path):
-    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
     spool.open()
     for round_ in range(5):
         store_many(spool, 40, start=round_ * 100)
@@ -103,25 +103,25 @@ def test_segments_are_recycled_not_grown(tmp_path):
 
 
 def test_large_instances_bypass_the_journal(tmp_path):
-    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
     spool.open()
     big = payload(1, SEGMENT)  # more than a quarter of a segment
     path, stored = spool.store("1.2.3.4", "1.2.3.4.1", big)
     assert stored and path.read_bytes() == big  # written and fdatasynced before store returned
-    assert Spool(tmp_path, journal_segment_bytes=SEGMENT).open() == 0
+    assert Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT).open() == 0
 
 
 def test_a_clean_close_leaves_nothing_to_replay(tmp_path):
-    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
     spool.open()
     stored = store_many(spool, 10)
     spool.close()
     assert all(p.read_bytes() == data for p, data in stored.items())
-    assert Spool(tmp_path, journal_segment_bytes=SEGMENT).open() == 0
+    assert Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT).open() == 0
 
 
 def test_concurrent_senders_store_each_instance_once(tmp_path):
-    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
     spool.open()
     outcomes: list[tuple[Path, bool]] = []
     lock = threading.Lock()
@@ -141,14 +141,14 @@ def test_concurrent_senders_store_each_instance_once(tmp_path):
     spool.materialize()
     files = sorted((tmp_path / "spool" / "1.2.3.4").iterdir())
     assert len(files) == 60 and all(f.read_bytes() == payload(int(f.stem.rsplit(".", 1)[1])) for f in files)
-    assert Spool(tmp_path, journal_segment_bytes=SEGMENT).open() <= 60  # unretired ones replay identically
+    assert Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT).open() <= 60  # unretired ones replay identically
     assert all(f.read_bytes() == payload(int(f.stem.rsplit(".", 1)[1])) for f in files)
 
 
 _CHILD = """
 import sys
 from qsmnode.node.spool import Spool
-spool = Spool(sys.argv[1], journal_segment_bytes=64 * 1024)
+spool = Spool(sys.argv[1], journal_segment_bytes=64 * 1024, pending_budget=64 * 1024)
 spool.open()
 n = 0
 while True:
@@ -176,7 +176,7 @@ def test_sigkill_mid_receive_keeps_every_acknowledged_instance(tmp_path, after_s
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(acknowledged) > 50
-    Spool(tmp_path, journal_segment_bytes=64 * 1024).open()
+    Spool(tmp_path, journal_segment_bytes=64 * 1024, pending_budget=64 * 1024).open()
     for n in acknowledged:
         path = tmp_path / "spool" / "1.2.3.4" / f"1.2.3.4.{n}.dcm"
         assert path.read_bytes() == payload(n), f"acknowledged instance {n} lost"
@@ -232,7 +232,7 @@ def test_the_receivers_feeder_indexes_at_once_and_writes_files_in_a_pause(tmp_pa
     """Files are written when the burst pauses (or on flush), not while instances arrive."""
     from qsmnode.node.scp import _IndexFeeder
 
-    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
     spool.open()
     index, woken = _RowsIndex(), []
     feeder = _IndexFeeder(spool, index, lambda: woken.append(1), idle_s=30.0, max_defer_s=60.0)
@@ -255,10 +255,10 @@ def test_the_receivers_feeder_indexes_at_once_and_writes_files_in_a_pause(tmp_pa
 def test_the_feeder_writes_files_during_a_burst_past_its_memory_budget(tmp_path):
     from qsmnode.node.scp import _IndexFeeder
 
-    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT)
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=10_000)
     spool.open()
     index = _RowsIndex()
-    feeder = _IndexFeeder(spool, index, lambda: None, idle_s=30.0, max_defer_s=60.0, pending_budget=10_000)
+    feeder = _IndexFeeder(spool, index, lambda: None, idle_s=30.0, max_defer_s=60.0)
     try:
         _feed(spool, feeder, 20)  # 60 kB, six times the budget
         deadline = time.monotonic() + 10
@@ -268,4 +268,17 @@ def test_the_feeder_writes_files_during_a_burst_past_its_memory_budget(tmp_path)
         assert sum(Path(r[3]).exists() for r in index.rows) >= 17
     finally:
         feeder.stop()
+        spool.close()
+
+
+def test_the_journal_keeps_segments_ready_for_the_memory_budget(tmp_path):
+    """A burst that fills the budget before any file is written takes ready segments only."""
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=4 * SEGMENT)
+    spool.open()
+    try:
+        ready = sorted((tmp_path / "journal").glob("*.seg"))
+        assert len(ready) == 5
+        store_many(spool, 4 * SEGMENT // 3100)
+        assert sorted((tmp_path / "journal").glob("*.seg")) == ready
+    finally:
         spool.close()
