@@ -87,6 +87,11 @@ class ClassifierProcess:
                   len(sources))
         return classify_sources(sources)
 
+    def start(self) -> None:
+        """Start the child and have it import what it needs (about a second of CPU), so that
+        the first burst of instances does not pay for it."""
+        self._pool().submit(classify_sources, []).result()
+
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             methods = multiprocessing.get_all_start_methods()

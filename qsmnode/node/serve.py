@@ -141,6 +141,7 @@ class Node:
         if requeued:
             log.info("resumed: job(s) %s were running when the node stopped; queued again", ", ".join(requeued))
         self.dispatcher.start()
+        self.classifier.start()
         self.tracker.start()
         self.worker.start()
         self.retention.start()
