@@ -81,16 +81,15 @@ def start_node(workdir: Path, orthanc: OrthancServer, extra: list[str] = ()) -> 
 def receive_runs(root: Path, n: int, receiver: str, orthanc: OrthancServer, image_rows: int = 64,
                  repeat: int = 1, associations=(1, 4), clients=("shipped", "nodelay")) -> list[dict]:
     """The storescu modes (``associations`` x ``clients``) against ``receiver`` ('node' or
-    'storescp'), each ``repeat`` times; one row per run. The storescp reference runs with ``TCP_NODELAY=1`` itself, so only the
-    client's setting varies.
+    'storescp'), each ``repeat`` times; one row per run. The storescp reference runs with
+    ``TCP_NODELAY=1`` itself, so only the client's setting varies.
 
     Before each run the node has caught up with the last one (files written, instances
     classified), as between the series of a scanner. Every run's instances are written before
-    the first run and deleted after the last: on an ext4
-    without a journal (this development VM's root file system), creating a file within 30 s of
-    deleting many in its block group costs up to 1 ms of kernel time (the allocator skips
-    recently deleted inodes one by one), which would make each run pay for the previous run's
-    clean-up instead of measuring the receiver."""
+    the first run and deleted after the last: on this development VM's root file system (ext4
+    without a journal) creating a file costs from 14 µs to about 1 ms of kernel time, more just
+    after many files were deleted, so deleting between runs made each run pay for the previous
+    one's clean-up instead of measuring the receiver."""
     rows = []
     workdir = root / f"recv-{receiver}"
     workdir.mkdir()

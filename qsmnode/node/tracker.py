@@ -138,9 +138,10 @@ class Tracker:
         lower_thread_priority()
         while not self._stop.is_set():
             self._wake.wait(self.poll_seconds)
-            # while instances keep arriving, let the receiver have the CPU (and the GIL): classify
-            # once the burst pauses for 0.2 s, or every 0.5 s at the latest, so the backlog left
-            # when the last instance arrives (about 0.9 ms of classifying each) stays short
+            # while instances keep arriving, classify in batches (the parsing is in the classifier
+            # process; recording each instance in the index stays in this one): once the burst
+            # pauses for 0.2 s, or every 0.5 s at the latest, so the backlog left when the last
+            # instance arrives stays short
             deadline = time.monotonic() + 0.5
             while self._wake.is_set() and time.monotonic() < deadline and not self._stop.is_set():
                 self._wake.clear()
