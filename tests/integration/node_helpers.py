@@ -46,7 +46,9 @@ DICOMWEB_PLUGIN_CANDIDATES = (
     "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
     "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so",
 )
-SERVE = [sys.executable, "-m", "qsmnode.cli", "serve"]
+# the program through the interpreter running the tests: a bare "qsmnode" need not be on the PATH
+QSMNODE = [sys.executable, "-m", "qsmnode.cli"]
+SERVE = [*QSMNODE, "serve"]
 
 
 # ------------------------------------------------------------------------------------ basics

@@ -199,7 +199,7 @@ def test_refused_instances_are_retried_a_bounded_number_of_times(orthanc_factory
 
 
 def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+    subprocess.run([shutil.which("openssl"), *args], cwd=cwd, check=True, capture_output=True)
 
 
 def _make_pki(d: Path) -> None:

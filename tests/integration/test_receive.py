@@ -13,7 +13,7 @@ from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless)
 
 from conftest import make_mr_instances, require_tools, storescu
-from node_helpers import ECHOSCU_BIN, NodeProcess
+from node_helpers import ECHOSCU_BIN, QSMNODE, NodeProcess
 
 pytestmark = pytest.mark.integration
 
@@ -171,7 +171,7 @@ def test_incomplete_acquisition_fails_after_the_cap_naming_the_missing_slices(no
     assert job["state"] == "failed"
     assert "incomplete acquisition" in job["reason"] and "missing slices (InstanceNumber) 3-4" in job["reason"]
     assert "failed" in n.log() and "missing slices" in n.log()
-    failed_cli = subprocess.run(["qsmnode", "jobs", "--storage", str(n.storage), "--state", "failed"],
+    failed_cli = subprocess.run([*QSMNODE, "jobs", "--storage", str(n.storage), "--state", "failed"],
                                 capture_output=True, text=True, timeout=60)
     assert job["id"] in failed_cli.stdout and "missing slices" in failed_cli.stdout
 
@@ -185,15 +185,15 @@ def test_quick_start_flags_and_the_echo_and_send_commands(tmp_path, free_port):
         node.start(echo=False)
         text = node.log()
         assert "node QUICK ready" in text and "rules default" in text and "destinations PACS" in text
-        echo = subprocess.run(["qsmnode", "echo", f"QUICK@127.0.0.1:{node.port}"], capture_output=True, text=True,
+        echo = subprocess.run([*QSMNODE, "echo", f"QUICK@127.0.0.1:{node.port}"], capture_output=True, text=True,
                               timeout=60)
         assert echo.returncode == 0 and "success" in echo.stdout, echo.stderr
         paths = make_mr_instances(tmp_path / "in", 4, rows=16)
-        sent = subprocess.run(["qsmnode", "send", f"QUICK@127.0.0.1:{node.port}", str(tmp_path / "in")],
+        sent = subprocess.run([*QSMNODE, "send", f"QUICK@127.0.0.1:{node.port}", str(tmp_path / "in")],
                               capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0 and "sent 4 of 4" in sent.stdout, sent.stdout + sent.stderr
         assert set(node.spool_files(len(paths))) == {sop_uid(p) for p in paths}
-        bad = subprocess.run(["qsmnode", "echo", f"QUICK@127.0.0.1:{free_port()}", "--timeout", "5"],
+        bad = subprocess.run([*QSMNODE, "echo", f"QUICK@127.0.0.1:{free_port()}", "--timeout", "5"],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "could not be reached" in bad.stderr
     finally:
