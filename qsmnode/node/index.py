@@ -90,8 +90,10 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 
 #: Job states: queued -> running -> done | failed; failed -> queued by ``qsmnode retry``.
 JOB_STATES = ("queued", "running", "done", "failed")
-#: Acquisition states.
-ACQ_STATES = ("receiving", "queued", "unmatched", "failed")
+#: Acquisition states: ``receiving`` until the tracker decides; then ``unmatched`` (no rule, or
+#: not a QSM input), ``failed`` (incomplete), or the state of its job, which it follows from then
+#: on (``queued`` -> ``running`` -> ``done`` | ``failed``, and back to ``queued`` on a retry).
+ACQ_STATES = ("receiving", "queued", "running", "done", "unmatched", "failed")
 
 
 class Index:
@@ -281,24 +283,28 @@ class Index:
                 return None
             db.execute("UPDATE jobs SET state='running', started_at=?, attempts=attempts+1, reason=NULL WHERE id=?",
                        (time.time(), row["id"]))
+            _acquisition_follows_job(db, row["id"], "running")
         return self.job(row["id"])
 
     def finish_job(self, job_id: str, state: str, *, reason: str | None = None, output_dir: str | None = None,
                    outputs: list[str] | None = None, summary: dict | None = None) -> None:
-        with self._lock:
-            self._db.execute(
+        """Record a job's end (``done``, ``failed``, or ``queued`` to resume it); its acquisition
+        follows (with the reason)."""
+        with self.transaction() as db:
+            db.execute(
                 "UPDATE jobs SET state=?, reason=?, finished_at=?, output_dir=coalesce(?, output_dir),"
                 " outputs=coalesce(?, outputs), summary=coalesce(?, summary) WHERE id=?",
                 (state, reason, time.time(), output_dir, None if outputs is None else json.dumps(outputs),
                  None if summary is None else json.dumps(summary, default=str), job_id))
+            _acquisition_follows_job(db, job_id, state, reason)
 
     def retry_job(self, job_id: str) -> dict[str, Any] | None:
         """Put a failed (or done) job back in the queue; returns the job, None if unknown."""
-        with self._lock:
-            cur = self._db.execute("UPDATE jobs SET state='queued', reason=NULL, finished_at=NULL, purged=0"
-                                   " WHERE id=? AND state IN ('failed','done')", (job_id,))
-            if cur.rowcount == 0:
-                return self.job(job_id)
+        with self.transaction() as db:
+            cur = db.execute("UPDATE jobs SET state='queued', reason=NULL, finished_at=NULL, purged=0"
+                             " WHERE id=? AND state IN ('failed','done')", (job_id,))
+            if cur.rowcount == 1:
+                _acquisition_follows_job(db, job_id, "queued")
         return self.job(job_id)
 
     def requeue_running_jobs(self) -> list[str]:
@@ -306,6 +312,8 @@ class Index:
         with self.transaction() as db:
             ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state='running'")]
             db.execute("UPDATE jobs SET state='queued' WHERE state='running'")
+            for job_id in ids:
+                _acquisition_follows_job(db, job_id, "queued")
         return ids
 
     def job_counts(self) -> dict[str, int]:
@@ -333,6 +341,14 @@ class Index:
         with self._lock:
             self._db.execute("DELETE FROM instances WHERE series_instance_uid IN"
                              " (SELECT series_instance_uid FROM series WHERE acquisition_id=?)", (acq_id,))
+
+
+def _acquisition_follows_job(db: sqlite3.Connection, job_id: str, state: str, reason: str | None = None) -> None:
+    """Give the job's acquisition the job's ``state`` (and reason), inside the caller's
+    transaction, unless the acquisition moved on to a newer generation (re-opened by new
+    instances: its old job no longer speaks for it)."""
+    db.execute("UPDATE acquisitions SET state=?, reason=? WHERE id=(SELECT acquisition_id FROM jobs WHERE id=?)"
+               " AND 'job-' || id || '-' || generation = ?", (state, reason, job_id, job_id))
 
 
 def _decode_job(row: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -111,7 +111,7 @@ class Retention:
             shutil.rmtree(out, ignore_errors=True)
         acq = self.index.acquisition(job["acquisition_id"])
         n_in = 0
-        if acq is not None and acq["state"] == "queued" and job["id"] == f"job-{acq['id']}-{acq['generation']}":
+        if acq is not None and acq["state"] == "done" and job["id"] == f"job-{acq['id']}-{acq['generation']}":
             n_in = self._purge_inputs(acq["id"])
             self.index.mark_acquisition_purged(acq["id"])
         self.index.mark_job_purged(job["id"])

@@ -115,3 +115,38 @@ def test_jobs_and_retry_commands(tmp_path, capsys):
     assert "no job 'job-9-9'" in capsys.readouterr().err
     assert main(["jobs", "--storage", str(tmp_path / "nowhere")]) == 2
     assert "no node index" in capsys.readouterr().err
+
+
+def test_acquisition_state_follows_its_job(tmp_path):
+    """Issue 13 item 11: the acquisition no longer stays 'queued' once its job ran, failed or was retried."""
+    index = Index(tmp_path / "i.sqlite")
+    add(index, "9.1")
+    acq_id = classify_all(index)
+    job = index.create_job(acq_id, 1, rule="default", preset="auto", destinations=[])
+    assert index.set_acquisition_state(acq_id, "queued", generation=1)
+    index.claim_next_job()
+    assert index.acquisition(acq_id)["state"] == "running"
+    index.finish_job(job, "failed", reason="InputRefused: phase missing")
+    acq = index.acquisition(acq_id)
+    assert (acq["state"], acq["reason"]) == ("failed", "InputRefused: phase missing")
+    index.retry_job(job)
+    assert index.acquisition(acq_id)["state"] == "queued" and index.acquisition(acq_id)["reason"] is None
+    index.claim_next_job()
+    assert index.requeue_running_jobs() == [job] and index.acquisition(acq_id)["state"] == "queued"
+    index.claim_next_job()
+    index.finish_job(job, "done", output_dir="/out", outputs=[])
+    assert index.acquisition(acq_id)["state"] == "done"
+
+
+def test_an_old_job_does_not_speak_for_a_reopened_acquisition(tmp_path):
+    index = Index(tmp_path / "i.sqlite")
+    add(index, "9.1")
+    acq_id = classify_all(index)
+    job = index.create_job(acq_id, 1, rule="default", preset="auto", destinations=[])
+    index.set_acquisition_state(acq_id, "queued", generation=1)
+    index.claim_next_job()
+    add(index, "9.2", t=200.0)
+    classify_all(index)  # a late instance re-opens it (generation 2) while job-1-1 runs
+    index.finish_job(job, "done", output_dir="/out", outputs=[])
+    acq = index.acquisition(acq_id)
+    assert (acq["state"], acq["generation"]) == ("receiving", 2)
