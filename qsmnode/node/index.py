@@ -88,6 +88,22 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
 
+#: SQL for a series row's ``component`` when one more instance is counted into it: the set of
+#: components its instances hold, comma-separated (a GE series interleaves real and imaginary
+#: images, or magnitude, real and imaginary ones); read it with :func:`series_components`.
+_MERGED_COMPONENTS = (
+    "CASE WHEN excluded.component IS NULL"
+    " OR instr(',' || coalesce(component, '') || ',', ',' || excluded.component || ',') > 0 THEN component"
+    " WHEN component IS NULL THEN excluded.component"
+    " ELSE component || ',' || excluded.component END"
+)
+
+
+def series_components(series_row: dict[str, Any]) -> set[str]:
+    """The image components (magnitude, phase, real, imaginary, mixed) a series row's instances hold."""
+    return set(filter(None, (series_row.get("component") or "").split(",")))
+
+
 #: Job states: queued -> running -> done | failed; failed -> queued by ``qsmnode retry``.
 JOB_STATES = ("queued", "running", "done", "failed")
 #: Acquisition states: ``receiving`` until the tracker decides; then ``unmatched`` (no rule, or
@@ -201,6 +217,7 @@ class Index:
                 "INSERT INTO series (series_instance_uid, study_instance_uid, acquisition_id, component, expected,"
                 " received, first_path, description, refusal, first_seen, last_seen) VALUES (?,?,?,?,?,1,?,?,?,?,?)"
                 " ON CONFLICT(series_instance_uid) DO UPDATE SET received=received+1,"
+                f" component={_MERGED_COMPONENTS},"
                 " expected=coalesce(excluded.expected, expected), last_seen=max(last_seen, excluded.last_seen),"
                 " acquisition_id=coalesce(acquisition_id, excluded.acquisition_id),"
                 " refusal=coalesce(refusal, excluded.refusal)",

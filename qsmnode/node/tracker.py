@@ -31,6 +31,7 @@ import pydicom
 
 from qsmnode.dicom.classify import classify_instance
 from qsmnode.node.classifier import Classified, classify_sources
+from qsmnode.node.index import series_components
 from qsmnode.node.rules import AcquisitionFacts, match_rules, resolve_destinations
 from qsmnode.threads import lower_thread_priority
 
@@ -69,7 +70,7 @@ def describe_missing(series_rows: list[dict], instances: list[dict]) -> list[str
         numbers = {i["instance_number"] for i in insts if i.get("instance_number")}
         missing = [n for n in range(1, expected + 1) if n not in numbers] if numbers else []
         line = (f"series {s['series_instance_uid']} ({s.get('description') or 'no description'}, "
-                f"{s.get('component') or 'unknown component'}) has {received} of {expected} instances")
+                f"{'/'.join(sorted(series_components(s))) or 'unknown component'}) has {received} of {expected} instances")
         if missing:
             line += f"; missing slices (InstanceNumber) {_ranges(missing)}"
         per_echo = Counter(e for i in insts for e in (i.get("echo_numbers") or "").split(",") if e)
@@ -81,6 +82,12 @@ def describe_missing(series_rows: list[dict], instances: list[dict]) -> list[str
                                                        for e, n in sorted(short.items()))
         lines.append(line)
     return lines
+
+
+def _components(series: list[dict]) -> set[str]:
+    """Every image component held by the series of one acquisition (a GE series may hold two or
+    three: real and imaginary images interleaved)."""
+    return set().union(*(series_components(s) for s in series))
 
 
 def _has_complex_pair(components: set[str]) -> bool:
@@ -213,7 +220,7 @@ class Tracker:
                                           series_instance_uids=[s["series_instance_uid"] for s in series],
                                           reason=reason)
                 continue
-            components = {s["component"] for s in series if s["component"]}
+            components = _components(series)
             known = all(s["expected"] for s in series)
             short = [s for s in series if s["expected"] and s["received"] < s["expected"]]
             if known and not short and _has_complex_pair(components):
@@ -254,7 +261,7 @@ class Tracker:
         echoes = set()
         for inst in self.index.instances_of_acquisition(acq["id"]):
             echoes.update(int(e) for e in (inst.get("echo_numbers") or "").split(",") if e)
-        return AcquisitionFacts(headers=headers, components={s["component"] for s in series if s["component"]},
+        return AcquisitionFacts(headers=headers, components=_components(series),
                                 echo_numbers=echoes,
                                 calling_aes=set(filter(None, (acq.get("calling_aes") or "").split("\\"))))
 

@@ -10,7 +10,7 @@ import pytest
 
 from qsmnode.config import NodeConfig
 from qsmnode.node.dispatch import Destination
-from qsmnode.node.index import Index
+from qsmnode.node.index import Index, series_components
 from qsmnode.node.rules import Rule
 from qsmnode.node.tracker import Tracker, describe_missing
 
@@ -53,6 +53,21 @@ def test_complete_by_count_queues_one_job_with_the_rule_choices(tmp_path, scan):
     comps = {s["component"] for s in index.series_of_acquisition(acq["id"])}
     assert comps == {"magnitude", "phase"}
     assert tracker.step(now=5000.0) == []  # nothing new: no second job
+
+
+def test_a_ge_series_of_interleaved_components_completes_by_count(tmp_path):
+    """Issue 13 item 10: GE writes the real and imaginary (and magnitude, phase) images into one
+    series; its ImagesInAcquisition counts them all, so the count completes it (not the quiet timer)."""
+    from qsmnode.simulate.scan import simulate_scan
+
+    ge = simulate_scan(tmp_path / "ge", vendor="ge", matrix=(16, 16, 8), echo_times_ms=[4.0, 8.0])
+    index = Index(tmp_path / "i.sqlite")
+    tracker = Tracker(config(), index)
+    ingest(index, ge.paths, t=1000.0)
+    (job,) = tracker.step(now=1000.5)
+    assert index.job(job)["params"]["why_complete"] == "every series complete by count"
+    (series,) = index.series_of_acquisition(index.acquisitions()[0]["id"])
+    assert {"real", "imaginary"} <= series_components(series) and series["received"] == len(ge.paths)
 
 
 def test_magnitude_alone_waits_then_is_unmatched_then_reopens_with_the_phase(tmp_path, scan):
