@@ -139,11 +139,9 @@ def classic_component(ds: Dataset, vendor: str) -> tuple[str | None, str]:
     if vendor == "ge":
         code = ge_image_type_code(ds)
         if code is not None:
-            comp = vendors.ge_component(
-                code
-                if not isinstance(code, bytes)
-                else int.from_bytes(code[:2], "little", signed=True)
-            )
+            if isinstance(code, bytes):  # implicit VR without a private dictionary: SS
+                code = int.from_bytes(code[:2], "little", signed=True)
+            comp = vendors.ge_component(code)
             if comp:
                 return comp, f"ge: component '{comp}' from private (0043,102F) = {code}"
     word = text_values(ds, "ComplexImageComponent")

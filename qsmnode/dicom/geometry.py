@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qsmnode.errors import InputRefused
+from qsmnode.errors import InputRefused, plain
 
 #: direction cosines that differ by less than this are the same orientation
 ORIENTATION_TOLERANCE = 1e-3
@@ -28,14 +28,14 @@ def orientation_axes(image_orientation_patient) -> tuple[np.ndarray, np.ndarray,
     iop = np.asarray(image_orientation_patient, dtype=np.float64).ravel()
     if iop.size != 6 or not np.all(np.isfinite(iop)):
         raise InputRefused(
-            f"ImageOrientationPatient must hold 6 numbers, got {list(iop)}",
+            f"ImageOrientationPatient must hold 6 numbers, got [{plain(iop)}]",
             "send images with a complete ImageOrientationPatient (0020,0037)",
         )
     row, col = iop[:3], iop[3:]
     nr, nc = np.linalg.norm(row), np.linalg.norm(col)
     if abs(nr - 1) > 1e-2 or abs(nc - 1) > 1e-2 or abs(np.dot(row, col)) > 1e-2:
         raise InputRefused(
-            f"ImageOrientationPatient {list(np.round(iop, 5))} is not two orthogonal unit vectors",
+            f"ImageOrientationPatient [{plain(iop, 5)}] is not two orthogonal unit vectors",
             "the header geometry is broken; re-export the series from the scanner",
         )
     row, col = row / nr, col / nc

@@ -50,7 +50,7 @@ from pydicom.errors import InvalidDicomError
 
 from qsmnode.acquisition import Acquisition, SourceReference, b0_tesla_from_frequency
 from qsmnode.dicom import classify, frames, geometry, readpool, vendors
-from qsmnode.errors import InputRefused
+from qsmnode.errors import InputRefused, plain
 
 log = logging.getLogger(__name__)
 
@@ -527,7 +527,7 @@ def _assemble(group: _Group, threads: int = 1) -> Acquisition:
     n_slices, n_echoes = len(slice_d), len(te_values)
     if np.any(te_values <= 0):
         raise InputRefused(
-            f"echo times {list(te_values)} ms include a non-positive value",
+            f"echo times ({plain(te_values)} ms) include a non-positive value",
             "send the original scanner images",
         )
 
@@ -567,7 +567,7 @@ def _assemble(group: _Group, threads: int = 1) -> Acquisition:
         )
     else:
         raise InputRefused(
-            f"no magnitude/phase or real/imaginary pair (found {sorted(present)})",
+            f"no magnitude/phase or real/imaginary pair (found {plain(sorted(present))})",
             "send the original multi-echo GRE magnitude and phase series",
         )
 
@@ -664,7 +664,7 @@ def _assemble(group: _Group, threads: int = 1) -> Acquisition:
         slice_spacing_mm=spacing if n_slices > 1 else single_spacing,
     )
     provenance.append(
-        f"geometry: {n_slices} slices sorted along the normal {np.round(normal, 4).tolist()}, "
+        f"geometry: {n_slices} slices sorted along the normal ({plain(normal, 4)}), "
         f"slice spacing {spacing if n_slices > 1 else single_spacing:.4g} mm from "
         + (
             "ImagePositionPatient"

@@ -34,7 +34,7 @@ from typing import Any, Iterable
 
 from pydicom.datadict import tag_for_keyword
 
-from qsmnode.errors import ConfigError
+from qsmnode.errors import ConfigError, plain
 
 RETURN_TO_SENDER = "return-to-sender"
 ALL_DESTINATIONS = "*"
@@ -87,7 +87,7 @@ class TagCondition:
             for rx in self.regexes:
                 if re.search(rx, text):
                     return True, f"{self.keyword}={text!r} matches {rx!r}"
-            return False, f"{self.keyword}={text!r} matches none of {list(self.regexes)}"
+            return False, f"{self.keyword}={text!r} matches none of {plain(repr(rx) for rx in self.regexes)}"
         try:
             number = float(value[0] if _is_multi(value) else value)
         except (TypeError, ValueError):
@@ -253,7 +253,7 @@ def qsm_input_reasons(facts: AcquisitionFacts) -> tuple[bool, list[str]]:
         reasons.append("MRAcquisitionType is 3D")
     else:
         ok = False
-        reasons.append(f"MRAcquisitionType is {sorted(acq_types)}, not 3D")
+        reasons.append(f"MRAcquisitionType is {plain(sorted(filter(None, acq_types))) or 'absent'}, not 3D")
     n = facts.n_echoes
     if n >= 2:
         reasons.append(f"{n} echoes")
@@ -265,7 +265,7 @@ def qsm_input_reasons(facts: AcquisitionFacts) -> tuple[bool, list[str]]:
         reasons.append(f"phase information present ({', '.join(sorted(phase))})")
     else:
         ok = False
-        reasons.append(f"no phase, real or imaginary series (components seen: {sorted(facts.components) or 'none'})")
+        reasons.append(f"no phase, real or imaginary series (components seen: {plain(sorted(facts.components)) or 'none'})")
     return ok, reasons
 
 
@@ -276,7 +276,7 @@ def explain(rule: Rule, facts: AcquisitionFacts) -> tuple[bool, list[str]]:
     if rule.calling_ae is not None:
         hit = any(re.search(rule.calling_ae, ae or "") for ae in facts.calling_aes)
         ok &= hit
-        lines.append(f"calling AE {sorted(facts.calling_aes)} {'matches' if hit else 'does not match'} {rule.calling_ae!r}")
+        lines.append(f"calling AE {plain(sorted(facts.calling_aes)) or '(none)'} {'matches' if hit else 'does not match'} {rule.calling_ae!r}")
     if rule.qsm_input:
         q_ok, q_lines = qsm_input_reasons(facts)
         ok &= q_ok
@@ -290,8 +290,8 @@ def explain(rule: Rule, facts: AcquisitionFacts) -> tuple[bool, list[str]]:
                 tokens = {str(t).upper() for t in (ds.get("ImageType", []) or [])}
                 missing = [t for t in rule.image_type if t not in tokens]
                 s_ok &= not missing
-                s_lines.append(f"ImageType has {list(rule.image_type)}" if not missing
-                               else f"ImageType {sorted(tokens)} lacks {missing}")
+                s_lines.append(f"ImageType has {'/'.join(rule.image_type)}" if not missing
+                               else f"ImageType {'/'.join(sorted(tokens))} lacks {'/'.join(missing)}")
             for cond in rule.tags:
                 c_ok, c_line = cond.test(ds)
                 s_ok &= c_ok

@@ -159,3 +159,20 @@ def test_folder_with_other_files_and_nothing_dicom(tmp_path, scan):
     assert acq.n_echoes == N_ECHOES
     with pytest.raises(InputRefused, match="no such file"):
         load_acquisitions([tmp_path / "missing"])
+
+
+def test_reasons_quote_header_numbers_plainly(datasets):
+    """Issue 13 item 12: a reason shows "ImageOrientationPatient [1, 0, 0, 0.5, 0.5, 0]", never a
+    Python repr such as "[np.float64(1.0), ...]"."""
+    for ds in datasets:
+        ds.ImageOrientationPatient = [1, 0, 0, 0.5, 0.5, 0]
+    message = refused(datasets, "ImageOrientationPatient [1, 0, 0, 0.5, 0.5, 0] is not two orthogonal")
+    assert "np." not in message
+
+
+def test_non_positive_echo_time_is_quoted_plainly(datasets):
+    for ds in datasets:
+        if int(ds.EchoNumbers) == 1:
+            ds.EchoTime = -5
+    message = refused(datasets, "echo times (-5, 12, 19 ms) include a non-positive value")
+    assert "np." not in message

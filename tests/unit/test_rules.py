@@ -123,3 +123,16 @@ def test_unknown_preset_or_override_is_refused_with_the_known_names():
     with _pytest.raises(ConfigError, match="unknown override.*swi_power"):
         Rule.from_config({"name": "r", "overrides": {"swi_power": 3}}, 0)
     assert Rule.from_config({"name": "r", "preset": "fast", "overrides": {"swi_mask_power": 3}}, 0).preset == "fast"
+
+
+def test_explanations_quote_values_plainly_not_as_python_lists():
+    """Issue 13 item 12: reasons are for people: no "['2D']" or "['^t1']" reprs."""
+    chosen, lines = match_rules([], facts(components={"magnitude"}, headers=[header(acq="2D")]))
+    assert chosen is None
+    assert "MRAcquisitionType is 2D, not 3D" in lines[0] and "(components seen: magnitude)" in lines[0]
+    _, lines = explain(rule(match={"tags": {"SeriesDescription": ["^t1", "^t2"]}, "image_type": ["SWI"],
+                                   "calling_ae": "^MR2$"}), facts())
+    text = " ".join(lines)
+    assert "calling AE MR1 does not match" in text and "matches none of '^t1', '^t2'" in text
+    assert "ImageType M/ORIGINAL/PRIMARY lacks SWI" in text
+    assert "[" not in text.replace("[[", ""), text
