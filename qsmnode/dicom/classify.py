@@ -61,6 +61,10 @@ REFUSAL_PHASE_DIFFERENCE = (
     "phase-difference field map, not per-echo phase: QSM needs the phase "
     "of every echo; send the multi-echo GRE (magnitude and phase) series"
 )
+REFUSAL_SCANNER_B0_MAP = (
+    "a scanner-computed B0 field map, not multi-echo GRE phase; send the GRE magnitude and "
+    "phase/real-imaginary series"
+)
 REFUSAL_SCANNER_FIELD_MAP = (
     "scanner field map (Hz), not phase: QSM needs the per-echo phase "
     "images; send the multi-echo GRE (magnitude and phase) series"
@@ -126,6 +130,9 @@ def refusal_reason(
     for tokens in type_sets:
         if any(t in _SCANNER_FIELD_MAP_TOKENS for t in tokens) or "Hz" in units:
             return REFUSAL_SCANNER_FIELD_MAP
+    ge_names = frames.ge_sequence_names(ds) if vendor == "ge" else ()
+    if vendors.ge_is_field_map(ge_names):
+        return REFUSAL_SCANNER_B0_MAP
     sequence = " ".join(
         " ".join(frames.text_values(ds, k) or []) for k in ("SequenceName", "PulseSequenceName")
     )
@@ -143,12 +150,9 @@ def refusal_reason(
                 f"derived image (ImageType {'/'.join(tokens)}), not an original echo image: "
                 "send the original multi-echo GRE magnitude and phase series"
             )
-    scanning = _tokens(frames.text_values(ds, "ScanningSequence"))
-    if scanning and "GR" not in scanning and "EP" not in scanning:
-        return (
-            f"not a gradient-echo acquisition (ScanningSequence {'/'.join(scanning)}): QSM "
-            "needs a multi-echo GRE"
-        )
+    reason = _not_gradient_echo(ds, ge_names)
+    if reason:
+        return reason
     echo_pulse = str(ds.get("EchoPulseSequence", "") or "").upper()
     if echo_pulse == "SPIN":
         return (
@@ -167,6 +171,22 @@ def refusal_reason(
     if "UNCOMBINED" in type_sets[0]:
         return "uncombined coil image (ImageType UNCOMBINED): send the coil-combined series"
     return None
+
+
+def _not_gradient_echo(ds: Dataset, ge_names: tuple[str, ...]) -> str | None:
+    """Why ScanningSequence says this is not a gradient echo, or None. Research-mode series
+    (``RM``) name no technique there; a GE one is a gradient echo when its sequence names say so
+    (``ge_names``: :func:`qsmnode.dicom.frames.ge_sequence_names`)."""
+    scanning = _tokens(frames.text_values(ds, "ScanningSequence"))
+    if not scanning or "GR" in scanning or "EP" in scanning:
+        return None
+    if scanning == ["RM"] and vendors.ge_gradient_echo_name(ge_names):
+        return None
+    named = "; GE sequence " + "/".join(filter(None, ge_names)) if any(ge_names) else ""
+    return (
+        f"not a gradient-echo acquisition (ScanningSequence {'/'.join(scanning)}{named}): QSM "
+        "needs a multi-echo GRE"
+    )
 
 
 def _r(value, digits):

@@ -124,14 +124,43 @@ def _floats(values, n: int | None = None) -> tuple[float, ...] | None:
     return out
 
 
+def private_value(ds: Dataset, group: int, creator: str, offset: int):
+    """The value of private element ``offset`` (0x00-0xFF) of ``creator``'s block in ``group``,
+    or None. Where the group has no creator at all (an export that dropped them), the first
+    block (``gggg,10xx``), where scanners put it, is read."""
+    try:
+        return ds.get_private_item(group, offset, creator).value
+    except (KeyError, AttributeError, ValueError):
+        pass
+    if (group, 0x0010) in ds:
+        return None  # the first block is another creator's
+    elem = ds.get((group, 0x1000 | offset))
+    return elem.value if elem is not None else None
+
+
+def private_text(ds: Dataset, group: int, creator: str, offset: int) -> str:
+    """:func:`private_value` as text ('' when absent): bytes (implicit VR without a private
+    dictionary) are decoded, padding is stripped."""
+    value = private_value(ds, group, creator, offset)
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return str(value).strip(" \x00")
+
+
 def ge_image_type_code(ds: Dataset):
     """GE private (0043,102F) image type (0 mag, 1 phase, 2 real, 3 imaginary), or None."""
-    try:
-        return ds.get_private_item(0x0043, 0x2F, "GEMS_PARM_01").value
-    except (KeyError, AttributeError):
-        pass
-    elem = ds.get((0x0043, 0x102F))
-    return elem.value if elem is not None else None
+    return private_value(ds, 0x0043, "GEMS_PARM_01", 0x2F)
+
+
+def ge_sequence_names(ds: Dataset) -> tuple[str, str]:
+    """GE pulse sequence name (0019,109C), e.g. ``cuhpsd/mfgre_BOLD``, and internal pulse
+    sequence name (0019,109E), e.g. ``FGRE``; '' where absent."""
+    return (
+        private_text(ds, 0x0019, "GEMS_ACQU_01", 0x9C),
+        private_text(ds, 0x0019, "GEMS_ACQU_01", 0x9E),
+    )
 
 
 def classic_component(ds: Dataset, vendor: str) -> tuple[str | None, str]:

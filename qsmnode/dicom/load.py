@@ -480,13 +480,6 @@ def _cluster(values: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
     return centres, ids
 
 
-def _private(ds: Dataset, group: int, creator: str, element: int):
-    try:
-        return ds.get_private_item(group, element, creator).value
-    except (KeyError, AttributeError):
-        return None
-
-
 def _per_echo(fn, n_echoes: int, threads: int) -> list:
     """``[fn(e) for e in range(n_echoes)]``, in up to ``threads`` threads (numpy releases the GIL
     in the array operations; every echo writes its own block, so the result is the same)."""
@@ -634,8 +627,8 @@ def _assemble(group: _Group, threads: int = 1) -> Acquisition:
                     "send the complete series",
                 )
     if vendor == "philips":
-        n_sl = _private(first_inst.ds, 0x2001, "Philips Imaging DD 001", 0x18)
-        n_ec = _private(first_inst.ds, 0x2001, "Philips Imaging DD 001", 0x14)
+        n_sl = frames.private_value(first_inst.ds, 0x2001, "Philips Imaging DD 001", 0x18)
+        n_ec = frames.private_value(first_inst.ds, 0x2001, "Philips Imaging DD 001", 0x14)
         try:
             if n_sl is not None and int(n_sl) > n_slices:
                 raise InputRefused(

@@ -12,6 +12,10 @@ Sources for the conventions (public descriptions, not code):
 - GE: private (0043,102F) "GEMS_PARM_01" image type 0/1/2/3 = magnitude/phase/real/imaginary;
   opposite handedness of the phase (conjugated on input, DESIGN.md); 3D acquisitions may show a
   pi phase offset between alternate slices (the slice-direction FFT without a shift).
+  Research-mode series write ScanningSequence ``RM``; the private pulse sequence name (0019,109C)
+  and internal sequence name (0019,109E) say what they are (``mfgre``/``efgre3d``/``FGRE`` are
+  gradient echoes; ``B0map``/``B0rf``/``3db0map`` are direct field maps: a map in Hz plus a
+  magnitude, both image type 0; GE's description in rordenlab/dcm2niix issue #501).
 - Li W et al., "Quantitative susceptibility mapping ... a consensus", MRM 2024 (QSM consensus):
   report the vendor phase handling that was applied.
 """
@@ -19,6 +23,7 @@ Sources for the conventions (public descriptions, not code):
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -131,6 +136,38 @@ def ge_component(code) -> str | None:
         return GE_IMAGE_TYPE_CODES.get(int(code))
     except (TypeError, ValueError):
         return None
+
+
+# --------------------------------------------------------------------------- GE sequences
+
+#: GE direct field-mapping sequences (pulse sequence name (0019,109C) or internal name
+#: (0019,109E)): a field map in Hz and a magnitude, both stored as image type 0 (magnitude)
+GE_FIELD_MAP_SEQUENCES = frozenset({"b0map", "b0rf", "3db0map"})
+
+#: GE gradient-echo sequence families, as they begin a pulse sequence name (after any
+#: ``folder/``, e.g. ``cuhpsd/mfgre_BOLD``) or an internal sequence name (``FGRE``, ``EFGRE3D``)
+_GE_GRADIENT_ECHO = re.compile(r"^(?:3d)?(?:m|e|f|ef|mf|fs)*(?:gre|spgr|grass|mpgr)|^swan|^qsm", re.IGNORECASE)
+
+
+def ge_sequence_base(name: str) -> str:
+    """A GE sequence name without its folder: ``cuhpsd/mfgre_BOLD`` -> ``mfgre_BOLD``."""
+    return name.strip().rsplit("/", 1)[-1]
+
+
+def ge_is_field_map(names) -> bool:
+    """True when GE sequence ``names`` (pulse and internal sequence names) are a direct field map
+    (``B0map``, ``B0rf``, ``3db0map``): the scanner's field map in Hz, not per-echo phase."""
+    return any(ge_sequence_base(n).lower() in GE_FIELD_MAP_SEQUENCES for n in names if n)
+
+
+def ge_gradient_echo_name(names) -> str | None:
+    """The first of GE sequence ``names`` that names a gradient-echo sequence (``mfgre_BOLD``,
+    ``efgre3d_B0``, ``FGRE``, ``EFGRE3D``, ``fspgr``, ``SWAN`` ...), or None. GE research-mode
+    series (ScanningSequence ``RM``) say what they are only here."""
+    for name in names:
+        if name and _GE_GRADIENT_ECHO.match(ge_sequence_base(name)):
+            return name
+    return None
 
 
 # --------------------------------------------------------------------------- phase scaling
