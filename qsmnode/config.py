@@ -12,6 +12,8 @@ Example (every option, with its default)::
     job_timeout_seconds = 1800       # a job running longer is killed and marked failed
     min_free_disk_mb = 1024          # below this, C-STORE is refused with 0xA700 (Out of Resources)
     max_pdu_size = 0                 # receiver's maximum PDU (0 = unlimited)
+    max_instance_mb = 1024           # largest instance taken: decoded pixel data, or a deflated data set
+                                     # once inflated (refused with 0xA700 beyond); see deploy/qsmnode.toml
     allowed_calling_aets = []        # empty: any calling AE title is accepted
     allowed_hosts = []               # empty: any peer address; else IPs or CIDR networks
     quiet_seconds = 20               # acquisition complete this long after its last instance ...
@@ -86,6 +88,7 @@ _NODE_KEYS: dict[str, tuple[type, Any]] = {
     "job_timeout_seconds": (float, 1800.0),
     "min_free_disk_mb": (float, 1024.0),
     "max_pdu_size": (int, 0),
+    "max_instance_mb": (float, 1024.0),
     "allowed_calling_aets": (list, []),
     "allowed_hosts": (list, []),
     "quiet_seconds": (float, 20.0),
@@ -142,6 +145,7 @@ class NodeConfig:
     job_timeout_seconds: float = 1800.0
     min_free_disk_mb: float = 1024.0
     max_pdu_size: int = 0
+    max_instance_mb: float = 1024.0
     allowed_calling_aets: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     quiet_seconds: float = 20.0
@@ -302,6 +306,7 @@ def config_from_dict(raw: dict, base_dir: Path | None = None, source: Path | Non
         job_timeout_seconds=node["job_timeout_seconds"],
         min_free_disk_mb=node["min_free_disk_mb"],
         max_pdu_size=node["max_pdu_size"],
+        max_instance_mb=node["max_instance_mb"],
         allowed_calling_aets=tuple(node["allowed_calling_aets"]),
         allowed_hosts=tuple(node["allowed_hosts"]),
         quiet_seconds=node["quiet_seconds"],
@@ -343,6 +348,8 @@ def _check_values(cfg: NodeConfig, where: str = "") -> None:
                           f"({cfg.quiet_seconds:g})", "the cap is the longest wait; make it >= quiet_seconds")
     if cfg.min_free_disk_mb < 0 or cfg.pressure_free_disk_mb < 0 or cfg.retention_hours < 0:
         raise ConfigError(f"{where}disk watermarks and keep_hours must be >= 0")
+    if cfg.max_instance_mb <= 0:
+        raise ConfigError(f"{where}max_instance_mb must be > 0 (MiB; 1024 takes any real MR instance)")
     if cfg.max_pdu_size < 0:
         raise ConfigError(f"{where}max_pdu_size must be >= 0 (0 = unlimited)")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -18,11 +18,14 @@ Refusals carry a specific status and an ErrorComment, get a log line and an audi
 line, and never stop the node:
 
 ========  ======================================================================
-0xA700    Out of Resources: free disk below ``min_free_disk_mb`` (or a write failed)
+0xA700    Out of Resources: free disk below ``min_free_disk_mb`` (or a write failed), or
+          the instance is larger than ``max_instance_mb`` (declared, or once inflated)
 0x0122    SOP Class not supported: not an MR image (only MR / Enhanced MR are taken)
-0xA900    Data Set does not match SOP Class: a required attribute is missing, or the
-          pixel data is shorter than Rows x Columns x frames x bits says
-0xC000    Cannot understand: the data set cannot be parsed (truncated or garbled)
+0xA900    Data Set does not match SOP Class: see :mod:`qsmnode.node.admission` (every check
+          that keeps an unreadable instance from being acknowledged)
+0xC000    Cannot understand: the data set cannot be walked (truncated, garbled, nested too
+          deep, or in another encoding than its transfer syntax):
+          :mod:`qsmnode.node.instance_header`
 ========  ======================================================================
 
 Associations from calling AE titles (or peer addresses) outside the configured allow-lists are
@@ -48,7 +51,10 @@ from pynetdicom.sop_class import Verification
 from qsmnode import __version__
 from qsmnode.dicom.uids import deterministic_uid
 from qsmnode.node import upper_layer as ul
-from qsmnode.node.instance_header import InstanceHeader, MalformedDataset, read_header
+from qsmnode.node.admission import (  # noqa: F401 - Refusal, check_instance, statuses: imported from here too
+    MR_STORAGE_CLASSES, STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES,
+    STATUS_SOP_CLASS_NOT_SUPPORTED, STATUS_SUCCESS, Refusal, admit, check_instance)
+from qsmnode.node.instance_header import InstanceHeader
 from qsmnode.node.tcp import quick_ack
 from qsmnode.threads import lower_thread_priority
 
@@ -67,19 +73,6 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
     "1.2.840.10008.1.2.5",     # RLE Lossless
 ]
-_NATIVE = set(ACCEPTED_TRANSFER_SYNTAXES[:4])
-
-MR_STORAGE_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
-}
-
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
 
 IMPLEMENTATION_CLASS_UID = deterministic_uid("qsmnode-implementation-class")
 IMPLEMENTATION_VERSION = f"QSMNODE_{__version__}"[:16]
@@ -90,48 +83,6 @@ IMPLEMENTATION_VERSION = f"QSMNODE_{__version__}"[:16]
 SUPPORTED_CONTEXTS = {str(Verification): ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"],
                       **{str(cx.abstract_syntax): ACCEPTED_TRANSFER_SYNTAXES
                          for cx in AllStoragePresentationContexts}}
-
-
-class Refusal(Exception):
-    """An instance the receiver will not take: a DICOM status and a reason for the sender."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def check_instance(header: InstanceHeader, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> None:
-    """Raise :class:`Refusal` unless ``header`` describes a well-formed MR image (no pixel decoding)."""
-    if sop_class_uid not in MR_STORAGE_CLASSES:
-        raise Refusal(STATUS_SOP_CLASS_NOT_SUPPORTED,
-                      f"not an MR image (SOP class {sop_class_uid}); qsmnode takes MR Image Storage and "
-                      "Enhanced MR Image Storage only: send the multi-echo GRE series")
-    if header.modality not in (None, "MR"):
-        raise Refusal(STATUS_SOP_CLASS_NOT_SUPPORTED,
-                      f"Modality is {header.modality!r}, not 'MR'; qsmnode takes MR images only")
-    required = {"SOPInstanceUID": header.sop_instance_uid, "SeriesInstanceUID": header.series_instance_uid,
-                "StudyInstanceUID": header.study_instance_uid, "Rows": header.rows, "Columns": header.columns,
-                "BitsAllocated": header.bits_allocated, "PixelData": header.pixel_data_length}
-    missing = [k for k, v in required.items() if not v]
-    if missing:
-        raise Refusal(STATUS_DATASET_MISMATCH, f"missing {', '.join(missing)}: the instance is not a complete "
-                      "MR image; re-export it from the scanner")
-    if header.sop_instance_uid != sop_instance_uid:
-        raise Refusal(STATUS_DATASET_MISMATCH, f"SOPInstanceUID in the data set ({header.sop_instance_uid}) differs "
-                      f"from the C-STORE request's ({sop_instance_uid})")
-    if transfer_syntax in _NATIVE:
-        try:
-            frames = int(header.number_of_frames or 1)
-        except ValueError:
-            raise Refusal(STATUS_CANNOT_UNDERSTAND,
-                          f"NumberOfFrames {header.number_of_frames!r} is not a number") from None
-        needed = header.rows * header.columns * (header.samples_per_pixel or 1) * frames * header.bits_allocated // 8
-        if header.pixel_data_length < needed:
-            raise Refusal(STATUS_DATASET_MISMATCH,
-                          f"truncated pixel data: {header.pixel_data_length} bytes, but {header.rows} x "
-                          f"{header.columns} x {frames} frame(s) x {header.bits_allocated} bits needs {needed}; "
-                          "send the file again")
 
 
 def _header_bytes(meta: bytes, header: InstanceHeader, data_length: int) -> int | None:
@@ -433,6 +384,7 @@ class Receiver:
         self._ssl = config.tls.server_context() if config.tls else None
         self._open = 0
         self._open_lock = threading.Lock()
+        self.max_instance_bytes = int(config.max_instance_mb * (1 << 20))
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -528,13 +480,7 @@ class Receiver:
                 raise Refusal(STATUS_OUT_OF_RESOURCES,
                               f"free disk {free:.0f} MiB is below the node's watermark of "
                               f"{self.config.min_free_disk_mb:.0f} MiB; send again later")
-            if sop_class not in MR_STORAGE_CLASSES:
-                check_instance(InstanceHeader(), sop_class, sop_uid, transfer_syntax)
-            try:
-                header = read_header(data, transfer_syntax)
-            except MalformedDataset as err:
-                raise Refusal(STATUS_CANNOT_UNDERSTAND, f"corrupt data set: {err}; re-export the series") from None
-            check_instance(header, sop_class, sop_uid, transfer_syntax)
+            header = admit(data, sop_class, sop_uid, transfer_syntax, max_bytes=self.max_instance_bytes)
             meta = ul.file_meta(sop_class, sop_uid, transfer_syntax, implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                                 implementation_version=IMPLEMENTATION_VERSION, source_ae=assoc.calling_ae)
             try:
