@@ -17,8 +17,13 @@ fsynced before first use. A record is::
     magic "QSJ1" | generation u64 | payload length u32 | CRC-32 of payload u32 | payload
     payload = name length u16 | name (UTF-8, the path under the spool) | file bytes
 
-The generation in every record is the segment's own (its name), so stale records of a recycled
-segment (renamed to a new generation instead of being zeroed again) never match. On start,
+The generation in every record is the segment's own (its name), so a record left from an older
+generation never matches. Records hold patient data (every name and ID of a scan): when a
+segment is retired (its files durable) or after its records were replayed at start, the bytes its
+records used are overwritten with zeros and flushed before it is renamed for reuse
+(:func:`clear_segment`), so no journal file keeps an instance after its spool file took over;
+retention deleting the file later deletes the last copy. Overwriting blocks changes no file
+metadata, so the recycled segment stays as cheap to append to as a new one. On start,
 :meth:`ReceiveJournal.recover` reads every segment in generation order up to the first record
 that is not valid (wrong magic, generation or CRC: the torn tail of a crash, never an
 acknowledged record, because a record is acknowledged only after its ``fdatasync`` and records
@@ -91,7 +96,7 @@ class ReceiveJournal:
         self._active: _Segment | None = None
         self._sealed: list[_Segment] = []       # full (or sealed when idle), waiting to retire
         self._spares: list[tuple[int, Path]] = []
-        self._recovered: list[Path] | None = None
+        self._recovered: list[tuple[Path, int]] | None = None  # (segment, bytes before its zero tail)
         self._generations = itertools.count(1)
 
     # ------------------------------------------------------------------ start
@@ -113,8 +118,9 @@ class ReceiveJournal:
             except ValueError:
                 continue
             last = max(last, generation)
-            self._recovered.append(path)
-            records.extend(read_segment(path, generation))
+            data = path.read_bytes()
+            self._recovered.append((path, len(data.rstrip(b"\0"))))
+            records.extend(parse_segment(data, generation))
         self._generations = itertools.count(last + 1)
         return records
 
@@ -124,7 +130,9 @@ class ReceiveJournal:
         before its files are written, so no append has to write a new one)."""
         if self._recovered is None:
             self.recover()
-        self._spares = [self._recycle(path) for path in self._recovered]
+        for path, used in self._recovered:
+            clear_segment(path, used)
+        self._spares = [self._recycle(path) for path, _ in self._recovered]
         self._recovered = []
         while len(self._spares) < max(1, spares):
             self._spares.append(self._create(next(self._generations)))
@@ -270,6 +278,7 @@ class ReceiveJournal:
         for seg in done:
             with self._segments_lock:
                 self._sealed.remove(seg)
+            _zero(seg.fd, seg.used)  # its files are durable: its records are patient data no one needs
             seg.close()
             recycled.append(self._recycle(seg.path))
         fsync_dir(self.directory)
@@ -278,10 +287,33 @@ class ReceiveJournal:
         return len(done)
 
 
+def clear_segment(path: str | os.PathLike, used: int) -> None:
+    """Overwrite the first ``used`` bytes of a segment file with zeros, durably (module docstring)."""
+    if used <= 0:
+        return
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        _zero(fd, used)
+    finally:
+        os.close(fd)
+
+
+def _zero(fd: int, used: int) -> None:
+    """Zeros over bytes ``[0, used)`` of an open segment, then ``fdatasync``."""
+    done = 0
+    while done < used:
+        done += os.pwrite(fd, _ZEROS[:min(used - done, len(_ZEROS))], done)
+    os.fdatasync(fd)
+
+
 def read_segment(path: str | os.PathLike, generation: int) -> list[Record]:
     """The valid records of one segment file, up to the first one that is not (see module doc)."""
     with open(path, "rb") as handle:
-        data = handle.read()
+        return parse_segment(handle.read(), generation)
+
+
+def parse_segment(data: bytes, generation: int) -> list[Record]:
+    """The valid records in a segment's bytes (see :func:`read_segment`)."""
     out: list[Record] = []
     pos = 0
     while pos + _HEADER.size <= len(data):

@@ -282,3 +282,40 @@ def test_the_journal_keeps_segments_ready_for_the_memory_budget(tmp_path):
         assert sorted((tmp_path / "journal").glob("*.seg")) == ready
     finally:
         spool.close()
+
+
+PLANTED = b"ZZPLANTED^ALICE|PID-ZZ-4711|19120623"
+
+
+def journal_bytes(storage: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in (storage / "journal").iterdir())
+
+
+def store_identified(spool: Spool, count: int, start: int = 0) -> None:
+    for n in range(start, start + count):
+        spool.store("1.2.3.4", f"1.2.3.4.{n}", PLANTED, payload(n))
+
+
+def test_a_retired_segment_keeps_no_patient_data(tmp_path):
+    """Issue 13 item 7: recycled segments were renamed, not cleared, and kept every name and ID."""
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
+    spool.open()
+    store_identified(spool, 40)  # several segments
+    assert PLANTED in journal_bytes(tmp_path)
+    spool.materialize()
+    spool.checkpoint(idle=True)  # every file durable, every segment retired
+    assert PLANTED not in journal_bytes(tmp_path)
+    store_identified(spool, 5, start=100)  # recycled segments take new records as before
+    spool.close()  # a clean stop retires the active segment too
+    assert PLANTED not in journal_bytes(tmp_path)
+    assert Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT).open() == 0
+
+
+def test_replayed_segments_keep_no_patient_data(tmp_path):
+    spool = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
+    spool.open()
+    store_identified(spool, 20)  # then the node crashes
+    reopened = Spool(tmp_path, journal_segment_bytes=SEGMENT, pending_budget=SEGMENT)
+    assert reopened.open() == 20  # replayed, synced, and the segments recycled
+    assert PLANTED not in journal_bytes(tmp_path)
+    assert len(list(reopened.iter_files())) == 20
