@@ -16,7 +16,19 @@ PROCESS_EXAMPLE = """example:
 
 Every acquisition found in the inputs (files or folders, searched recursively) is reconstructed
 into its own folder under OUTDIR, one sub-folder per output kind (QSM, SWI, MINIP, R2STAR,
-parametric map, SR, summary image)."""
+parametric map, SR, summary image). The summary names every input series: processed (into
+which acquisition), or refused / failed with the reason.
+
+exit status:
+  0  every input series was processed
+  3  some series were processed, others were refused or failed (listed in the summary)
+  2  nothing was processed (every series refused, no DICOM found, or a usage error)
+  1  internal error (a bug; QSMNODE_DEBUG=1 shows the traceback)"""
+
+#: ``qsmnode process`` exit status (PROCESS_EXAMPLE, README "Commands")
+EXIT_ALL_PROCESSED = 0
+EXIT_NOTHING_PROCESSED = 2
+EXIT_SOME_REFUSED = 3
 
 SIMULATE_EXAMPLE = """example:
   qsmnode simulate /tmp/phantom --vendor ge --field 7 --oblique 20
@@ -122,8 +134,10 @@ def _progress_printer(enabled: bool):
     return report
 
 
-def print_summary(summary: dict, stream=sys.stdout) -> None:
-    """A few lines a person can read: where the outputs are and the key numbers."""
+def print_summary(summary: dict, stream=None) -> None:
+    """A few lines a person can read: where the outputs are and the key numbers (to ``stream``,
+    default the current sys.stdout)."""
+    stream = stream or sys.stdout
     stages = summary.get("stage_seconds", {})
     top = {k: v for k, v in stages.items() if "." not in k}
     print(f"  outputs      : {summary.get('outputs')} DICOM files in {summary.get('output_dir')}", file=stream)
@@ -133,6 +147,8 @@ def print_summary(summary: dict, stream=sys.stdout) -> None:
     print(f"  reconstruction: preset {summary.get('preset')}, device {summary.get('device')}, mask "
           f"{summary.get('mask_volume_ml')} ml, reference {summary.get('reference_region')}, "
           f"chi 1st-99th percentile {summary.get('chi_ppb_p1_p99')} ppb", file=stream)
+    if summary.get("low_confidence"):
+        print("  confidence   : LOW - findings withheld (see the warnings)", file=stream)
     if "findings" in summary:
         print(f"  findings     : {summary['findings']}", file=stream)
     print("  seconds      : " + ", ".join(f"{k} {v:.1f}" for k, v in top.items()), file=stream)
@@ -140,24 +156,52 @@ def print_summary(summary: dict, stream=sys.stdout) -> None:
         print(f"  warning      : {warning}", file=stream)
 
 
+def _series_outcomes(labels: dict[str, str], uids, outcome: str, **extra) -> list[dict]:
+    """One summary entry per series: its label, UID, ``outcome`` (processed, refused, failed)
+    and ``extra`` (acquisition number, reason)."""
+    return [{"series": labels.get(uid, uid), "series_instance_uid": uid, "outcome": outcome, **extra}
+            for uid in uids]
+
+
+def process_exit_status(series: list[dict]) -> int:
+    """The exit status of ``qsmnode process`` for its per-series outcomes (PROCESS_EXAMPLE)."""
+    processed = sum(1 for s in series if s["outcome"] == "processed")
+    if processed == 0:
+        return EXIT_NOTHING_PROCESSED
+    return EXIT_ALL_PROCESSED if processed == len(series) else EXIT_SOME_REFUSED
+
+
+def print_series_outcomes(series: list[dict], stream=None) -> None:
+    """One line per series that was not processed, then the tally (to ``stream``, default the
+    current sys.stdout)."""
+    stream = stream or sys.stdout
+    for s in series:
+        if s["outcome"] != "processed":
+            print(f"qsmnode process: {s['series']} {s['outcome']}: {s['reason']}", file=stream)
+    processed = sum(1 for s in series if s["outcome"] == "processed")
+    print(f"qsmnode process: {processed} of {len(series)} input series processed"
+          + (f", {len(series) - processed} refused or failed" if processed < len(series) else ""), file=stream)
+
+
 def run_process(args) -> int:
     for item in args.inputs:
         if not Path(item).exists():
             raise FileNotFoundError(2, "no such file or folder", item)
-    from qsmnode.dicom.load import load_acquisitions
+    from qsmnode.dicom.load import load_inputs
     from qsmnode.process import process_acquisition
 
     show = sys.stderr.isatty() or not args.json
     report = _progress_printer(show)
     report("loading DICOM")
     start = time.perf_counter()
-    acquisitions = load_acquisitions([Path(p) for p in args.inputs])
+    loaded = load_inputs([Path(p) for p in args.inputs])
     load_seconds = time.perf_counter() - start
-    if not acquisitions:
-        raise InputRefused(f"no multi-echo GRE acquisition found in {' '.join(args.inputs)}",
+    if not loaded.series:
+        raise InputRefused(f"no DICOM images found in {' '.join(args.inputs)}",
                            "give the folders that hold the magnitude and phase series")
+    acquisitions = loaded.acquisitions
     output_root = Path(args.output)
-    summaries, failures = [], []
+    summaries, series = [], []
     for number, acquisition in enumerate(acquisitions, start=1):
         folder = output_root if len(acquisitions) == 1 else output_root / f"acquisition_{number:02d}"
         report(f"acquisition {number}/{len(acquisitions)}")
@@ -166,20 +210,27 @@ def run_process(args) -> int:
                 acquisition, folder, device=args.device, preset=args.preset, overrides=args.overrides,
                 parametric_map=not args.no_parametric_map, progress=report,
                 stage_seconds={"load": load_seconds / len(acquisitions)},
-                on_series=lambda series: report(f"wrote {series.kind}: {len(series.paths)} file(s)"),
+                on_series=lambda written: report(f"wrote {written.kind}: {len(written.paths)} file(s)"),
             )
         except QsmNodeError as err:
-            failures.append(f"acquisition {number}: {err}")
+            series += _series_outcomes(loaded.series, acquisition.source_series_uids, "failed",
+                                       acquisition=number, reason=str(err))
             print(f"qsmnode process: acquisition {number} refused: {err}", file=sys.stderr)
             continue
         summaries.append(outcome.summary)
+        series += _series_outcomes(loaded.series, acquisition.source_series_uids, "processed",
+                                   acquisition=number, output_dir=str(folder))
+    for refused in loaded.refused:
+        series += _series_outcomes(loaded.series, refused.series_instance_uids, "refused", reason=refused.reason)
+    failures = [f"{s['series']}: {s['reason']}" for s in series if s["outcome"] != "processed"]
     if args.json:
-        print(json.dumps({"acquisitions": summaries, "failures": failures}, indent=2))
+        print(json.dumps({"acquisitions": summaries, "series": series, "failures": failures}, indent=2))
     else:
         for number, summary in enumerate(summaries, start=1):
             print(f"qsmnode process: acquisition {number} done")
             print_summary(summary)
-    return 0 if summaries and not failures else (1 if summaries else 2)
+        print_series_outcomes(series)
+    return process_exit_status(series)
 
 
 def run_simulate(args) -> int:

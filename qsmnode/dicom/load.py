@@ -7,7 +7,8 @@ Steps (one pass over the headers, then one decode of the pixels that are used):
 2. group images into acquisitions by ``acquisition_key`` (frame of reference, orientation,
    pixel spacing, matrix, acquisition timing) and then by slice position and echo time, never by
    series/study UIDs or descriptions: magnitude and phase series, real and imaginary images and
-   vendor exports with a study UID per volume come together;
+   vendor exports with a study UID per volume come together (:mod:`qsmnode.dicom.grouping`,
+   which also accounts for every series that is not used, with the reason);
 3. check completeness (every slice x echo x component exactly once, ImagesInAcquisition, slice
    spacing, collinear slices) and refuse with a reason otherwise;
 4. decode pixels, apply the vendor rules (rescale, phase scaling to radians, phase sign,
@@ -38,7 +39,7 @@ import logging
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable
@@ -49,7 +50,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from qsmnode.acquisition import Acquisition, SourceReference, b0_tesla_from_frequency
-from qsmnode.dicom import classify, frames, geometry, readpool, vendors
+from qsmnode.dicom import classify, frames, geometry, grouping, readpool, vendors
 from qsmnode.errors import InputRefused, plain
 
 log = logging.getLogger(__name__)
@@ -137,12 +138,6 @@ class _Instance:
         return frames.is_enhanced(self.ds)
 
 
-@dataclass
-class _Group:
-    key: str
-    items: list[tuple[_Instance, frames.ImageRecord]] = field(default_factory=list)
-
-
 # --------------------------------------------------------------------------- reading
 
 
@@ -219,6 +214,17 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
 # --------------------------------------------------------------------------- public API
 
 
+@dataclass
+class LoadResult:
+    """What the loader made of its inputs: the usable ``acquisitions``, the input series it
+    ``refused`` (:class:`qsmnode.dicom.grouping.Refused`, with the reason), and ``series``: the
+    label (``series 5 'gre_qsm'``) of every DICOM series found, by Series Instance UID."""
+
+    acquisitions: list[Acquisition]
+    refused: list[grouping.Refused]
+    series: dict[str, str]
+
+
 def load_acquisitions(sources, workers: int | None = None) -> list[Acquisition]:
     """Load every usable multi-echo GRE acquisition from ``sources``.
 
@@ -232,15 +238,21 @@ def load_acquisitions(sources, workers: int | None = None) -> list[Acquisition]:
     :data:`qsmnode.dicom.readpool.MIN_FILES` files, or Datasets among the sources, are always
     read in this process. The result does not depend on it (module docstring).
     """
-    acquisitions, refusals = _load(sources, workers)
-    if not acquisitions:
-        if not refusals:
-            refusals = ["no DICOM images found"]
+    loaded = _load(sources, workers)
+    if not loaded.acquisitions:
         raise InputRefused(
-            "no usable multi-echo GRE acquisition: " + "; ".join(refusals),
+            "no usable multi-echo GRE acquisition: "
+            + ("; ".join(str(r) for r in loaded.refused) or "no DICOM images found"),
             "send the complete multi-echo GRE magnitude and phase (or real and imaginary) series",
         )
-    return acquisitions
+    return loaded.acquisitions
+
+
+def load_inputs(sources, workers: int | None = None) -> LoadResult:
+    """Every usable acquisition in ``sources`` and what became of every other input series;
+    raises only for sources that do not exist. ``sources`` and ``workers`` as for
+    :func:`load_acquisitions`."""
+    return _load(sources, workers)
 
 
 def prestart_workers(workers: int | None = None) -> str:
@@ -269,10 +281,6 @@ def load_acquisition(sources, workers: int | None = None) -> Acquisition:
 
 
 # --------------------------------------------------------------------------- grouping
-
-
-def _describe_series(inst: _Instance) -> str:
-    return inst.series_label
 
 
 def _usable(ds: Dataset | None) -> bool:
@@ -383,7 +391,7 @@ def _read_parallel(
     return instances
 
 
-def _load(sources, workers: int | None = None) -> tuple[list[Acquisition], list[str]]:
+def _load(sources, workers: int | None = None) -> LoadResult:
     labelled = list(_iter_sources(sources))
     n_workers = readpool.resolve_workers(workers, len(labelled))
     instances = None
@@ -391,77 +399,27 @@ def _load(sources, workers: int | None = None) -> tuple[list[Acquisition], list[
         instances = _read_parallel(labelled, n_workers, automatic=workers is None)
     if instances is None:
         instances = _read_serial(labelled)
+    series = {inst.info.series_instance_uid: inst.series_label for inst in instances}
 
-    refusals_by_key: dict[str, list[str]] = defaultdict(list)
-    groups: dict[str, _Group] = {}
-    for inst in instances:
-        if inst.info.refusal:
-            msg = f"{_describe_series(inst)}: {inst.info.refusal}"
-            if msg not in refusals_by_key[inst.info.acquisition_key]:
-                refusals_by_key[inst.info.acquisition_key].append(msg)
-            continue
-        group = groups.setdefault(inst.info.acquisition_key, _Group(inst.info.acquisition_key))
-        group.items.extend((inst, rec) for rec in inst.records)
-
-    acquisitions, refusals = [], []
-    for key in refusals_by_key:
+    groups, refused_by_key = grouping.group_instances(instances)
+    acquisitions, refused = [], []
+    for key in refused_by_key:
         if key not in groups:
-            refusals.extend(_merge_reasons(refusals_by_key[key]))
+            refused.extend(grouping.merge_refusals(refused_by_key[key]))
     for key, group in groups.items():
-        for sub in _split_repeats(group):
+        # refused series next to usable ones (an SWI of the same scan): named too
+        refused.extend(grouping.merge_refusals(refused_by_key.get(key, [])))
+        for sub in grouping.split_repeats(group):
             try:
-                acquisitions.append(_assemble(sub, threads=n_workers))
+                acquisition = _assemble(sub, threads=n_workers)
             except InputRefused as err:
-                first = sub.items[0][0]
-                extra = _merge_reasons(refusals_by_key.get(key, []))
-                refusals.append(
-                    f"{_describe_series(first)}: {err.reason}"
-                    + (f" ({'; '.join(extra)})" if extra else "")
-                )
-    return acquisitions, refusals
-
-
-def _merge_reasons(messages: list[str]) -> list[str]:
-    """'series 2 'x': R', 'series 3 'y': R' -> 'series 2 'x', series 3 'y': R'."""
-    by_reason: dict[str, list[str]] = {}
-    for msg in messages:
-        where, _, reason = msg.partition(": ")
-        by_reason.setdefault(reason, []).append(where)
-    return [f"{', '.join(wheres)}: {reason}" for reason, wheres in by_reason.items()]
-
-
-def _slot(inst: _Instance, rec: frames.ImageRecord, normal) -> tuple:
-    return (
-        round(float(np.dot(rec.position, normal)), 2),
-        round(rec.echo_time_ms or -1.0, 2),
-        rec.component,
-    )
-
-
-def _split_repeats(group: _Group) -> list[_Group]:
-    """Split a group that holds repeated acquisitions of identical geometry by acquisition time."""
-    if not group.items:
-        return []
-    _, _, normal = geometry.orientation_axes(group.items[0][1].orientation)
-    slots = defaultdict(int)
-    for inst, rec in group.items:
-        slots[_slot(inst, rec, normal)] += 1
-    if max(slots.values()) <= 1:
-        return [group]
-    by_time: dict[str, _Group] = {}
-    for inst, rec in group.items:
-        t = inst.acquisition_time
-        by_time.setdefault(t, _Group(group.key + t)).items.append((inst, rec))
-    if len(by_time) > 1:
-        ok = True
-        for sub in by_time.values():
-            counts = defaultdict(int)
-            for inst, rec in sub.items:
-                counts[_slot(inst, rec, normal)] += 1
-            ok &= max(counts.values()) <= 1
-        if ok:
-            return list(by_time.values())
-    return [group]  # _assemble refuses the duplicates with a reason
+                refused.append(grouping.refused_group(sub, str(err)))  # with the advice
+                continue
+            acquisitions.append(acquisition)
+            unused = grouping.unused_series(sub, acquisition.source_series_uids)
+            if unused is not None:
+                refused.append(unused)
+    return LoadResult(acquisitions, refused, series)
 
 
 # --------------------------------------------------------------------------- assembly
@@ -489,7 +447,7 @@ def _per_echo(fn, n_echoes: int, threads: int) -> list:
         return list(pool.map(fn, range(n_echoes)))
 
 
-def _assemble(group: _Group, threads: int = 1) -> Acquisition:
+def _assemble(group: grouping.Group, threads: int = 1) -> Acquisition:
     """The Acquisition of one group (checks, then pixels); ``threads`` for the per-echo array
     work (1: this thread only)."""
     items = group.items
@@ -622,7 +580,7 @@ def _assemble(group: _Group, threads: int = 1) -> Acquisition:
             )
             if all_in_series < expected:
                 raise InputRefused(
-                    f"{_describe_series(insts[0])} holds {all_in_series} of the {expected} images its "
+                    f"{insts[0].series_label} holds {all_in_series} of the {expected} images its "
                     f"header announces (ImagesInAcquisition): missing slices or echoes",
                     "send the complete series",
                 )
