@@ -81,7 +81,7 @@ _HEADROOM = 64 << 20
 _ALIGN = 64
 
 #: modules the forkserver (and spawned workers) import before any task arrives
-PRELOAD = ["qsmnode.dicom.load"]
+PRELOAD = ["qsmnode.forkserver_hook", "qsmnode.dicom.load"]  # the hook: the server dies with its parent
 
 
 class PoolFailed(RuntimeError):

@@ -57,8 +57,8 @@ def classify_sources(sources: list[Source], classify: Callable = classify_instan
     return out
 
 
-def _child_init(niceness: int) -> None:
-    die_with_parent()
+def _child_init(niceness: int, node_pid: int) -> None:
+    die_with_parent(node_pid)
     try:
         os.nice(niceness)
     except OSError:
@@ -70,6 +70,10 @@ class ClassifierProcess:
     dies). If the child dies twice on one batch, the batch is classified in this process.
 
     ``niceness``: how much lower the child's CPU priority is than the node's.
+
+    The child is started with ``spawn``, so it is the node's own child and dies with it
+    (:mod:`qsmnode.child_process`: a forkserver's child outlived a killed node, and kept the
+    forkserver and the resource tracker alive with it).
     """
 
     def __init__(self, niceness: int = 10):
@@ -94,10 +98,8 @@ class ClassifierProcess:
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-            self._executor = ProcessPoolExecutor(1, mp_context=ctx, initializer=_child_init,
-                                                 initargs=(self.niceness,))
+            self._executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_child_init, initargs=(self.niceness, os.getpid()))
         return self._executor
 
     def close(self) -> None:
