@@ -9,14 +9,28 @@ scalp through the dark skull):
 2. receive-bias correction: divide by a smooth bias estimate, the Gaussian normalised
    convolution (``bias_sigma_mm``) of the magnitude over the head, so a 7 T centre brightening
    does not move the threshold;
-3. threshold at ``threshold`` x the median of the normalised head signal;
-4. erode by ``erosion_mm`` (removes the scalp and breaks thin bridges through the skull), keep
-   the largest connected piece, dilate back by ``erosion_mm`` within the thresholded voxels;
-5. fill holes (dark veins, bleeds, calcifications inside the brain stay in the mask);
-6. optional phase quality: drop voxels whose reliability (e.g. ROMEO voxel quality, or a field
+3. threshold at ``threshold`` x the median of the normalised head signal, and drop the outer
+   ``scalp_mm`` of the head (depth below its air boundary; the faces of the field of view are
+   not air, so a slab through the brain keeps its cut faces);
+4. erode by ``erosion_mm`` (removes the rest of the scalp and breaks thin bridges through the
+   skull), keep the largest connected piece, dilate back by ``erosion_mm`` within the
+   thresholded voxels; a closing by the same radius gives back tissue above a dark lesion near
+   the surface, which the opening cut into a notch;
+5. fill holes (dark veins, bleeds, calcifications inside the brain stay in the mask), and keep
+   compact dark lesions at the edge (:func:`restore_dark_lesions`);
+6. with multi-echo magnitude, drop edge tissue whose apparent R2* is above
+   ``r2star_max_per_s`` (muscle, marrow and soft tissue at the skull base, next to bone and
+   air: brain parenchyma is 15-35 /s at 3 T, deep grey nuclei up to ~50 /s; Yao B et al.
+   NeuroImage 2009;44:1259), keeping the largest piece and refilling holes. This is what takes
+   the face and neck off a real whole-head scan, where the thin skull base does not separate them;
+7. optional phase quality: drop voxels whose reliability (e.g. ROMEO voxel quality, or a field
    noise turned into [0, 1]) is below ``quality_threshold``, keep the largest piece, refill
    holes — so unreliable phase at the edge (near sinuses, at the skull) leaves the mask while
    interior veins stay (the inversion down-weights them through the field noise).
+
+Choice of CSF: the mask is the intracranial content that gives signal: brain and the CSF of
+sulci and ventricles, and the CSF layer around the brain where it is thick enough to keep its
+signal. CSF beside the inner table (partial volume with bone) leaves with the threshold.
 
 Runs on the host (cupy input is copied; the result is returned on the caller's backend).
 """
@@ -87,13 +101,21 @@ def receive_bias_estimate(magnitude, support, voxel_size_mm, sigma_mm=25.0):
     return ndimage.map_coordinates(coarse, full, order=1, mode="nearest").astype(np.float32)
 
 
-def _morph_mm(mask, radius_mm, voxel_size_mm, dilate=False):
+def _morph_mm(mask, radius_mm, voxel_size_mm, dilate=False, within=None):
     """Erode (or dilate) by a ball of ``radius_mm``, approximated by alternating 6- and
-    26-neighbour steps (an octagon-like ball), per axis only as many steps as fit the radius
-    in that axis's voxel size. Much faster than a Euclidean distance transform at 256^3."""
-    steps = [int(round(float(radius_mm) / float(v))) for v in voxel_size_mm]
+    26-neighbour steps (an octagon-like ball), per axis as many steps as the radius needs in
+    that axis's voxel size (rounded up: a 4 mm radius is 2 steps of 3 mm, so a 3 mm scan still
+    cuts a scalp of two voxels). Much faster than a Euclidean distance transform at 256^3.
+    ``within``: a dilation grows one step at a time inside it (geodesic), so it cannot jump a
+    one-voxel gap such as a thin dark skull."""
+    steps = [int(np.ceil(float(radius_mm) / float(v) - 0.25)) for v in voxel_size_mm]
     out = mask
-    op = ndimage.binary_dilation if dilate else ndimage.binary_erosion
+    def op(a, structure):
+        if dilate:
+            return ndimage.binary_dilation(a, structure=structure, mask=within)
+        # the field of view's faces are not the head's edge: a slab is not eroded from its cut faces
+        return ndimage.binary_erosion(a, structure=structure, border_value=1)
+
     for s in range(1, max(steps) + 1):
         active = [s <= n for n in steps]
         structure = np.zeros((3, 3, 3), bool)
@@ -112,7 +134,8 @@ def _morph_mm(mask, radius_mm, voxel_size_mm, dilate=False):
 
 
 def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, erosion_mm=4.0,
-               bias_sigma_mm=25.0, quality_threshold=0.3, fill_holes=True):
+               bias_sigma_mm=25.0, quality_threshold=0.3, fill_holes=True, scalp_mm=6.0,
+               echo_times_s=None, r2star_max_per_s=60.0):
     """Brain mask (bool [i, j, k]) from GRE magnitude, robust to receive bias.
 
     magnitude : [i, j, k] or [i, j, k, echo] (RSS over echoes). voxel_size_mm : (3,) mm.
@@ -124,6 +147,9 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
     phase_quality : optional [i, j, k] reliability in [0, 1] (1 = good); voxels below
         ``quality_threshold`` are dropped from the edge of the mask (see module docstring).
     fill_holes : fill enclosed holes (3D).
+    scalp_mm : depth (mm) below the head's outer surface that is never brain (the outer scalp).
+    echo_times_s, r2star_max_per_s : with multi-echo magnitude, edge voxels whose apparent R2*
+        (1/s) exceeds the limit leave the mask (muscle, marrow and tissue at bone and air).
     Returns bool [i, j, k] on the caller's backend.
     """
     xp = array_module(magnitude)
@@ -150,16 +176,26 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
     normalised = mag / np.maximum(bias, np.float32(1e-6 * top))
     level = float(np.median(normalised[head])) if head.any() else 1.0
     foreground = normalised > threshold * level
+    # the outer scalp is never brain: drop what lies within scalp_mm of the air around the head
+    head_inside = ndimage.distance_transform_edt(ndimage.binary_fill_holes(head), sampling=vox) > scalp_mm
+    foreground &= head_inside
 
     core = _morph_mm(foreground, erosion_mm, vox)
     if not core.any():
         core = foreground
     core = _largest_component(core)
     grown = _morph_mm(core, erosion_mm, vox, dilate=True)
-    mask = grown & foreground
-    mask = _largest_component(mask)
+    mask = _largest_component(grown & foreground)
+    # the opening leaves a notch where a dark lesion sits near the surface (the tissue above it is
+    # farther than erosion_mm from the core): a closing gives that tissue back, then the lesion
+    closed = _morph_mm(_morph_mm(mask, erosion_mm, vox, dilate=True), erosion_mm, vox)
+    mask |= closed & foreground
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
+    mask = restore_dark_lesions(mask, head_inside & ~mask, vox)
+    if echo_times_s is not None and magnitude.ndim == 4 and magnitude.shape[3] >= 2:
+        decay = apparent_r2star_per_s(to_host(magnitude)[box], echo_times_s, vox)
+        mask = _keep_reliable(mask, decay <= r2star_max_per_s, vox, fill_holes, open_first=True)
 
     if phase_quality is not None:
         quality = to_host(phase_quality)
@@ -167,7 +203,7 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
             raise ReconstructionError(
                 f"phase_quality {quality.shape} and magnitude {full_shape} differ in shape",
                 "pass a quality map of the same matrix")
-        mask = _refine(mask, quality[box], quality_threshold, fill_holes)
+        mask = _refine(mask, quality[box], quality_threshold, fill_holes, vox)
     full = np.zeros(full_shape, bool)
     full[box] = mask
     mask = full
@@ -177,32 +213,89 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
     return xp.asarray(mask)
 
 
-def _refine(mask, quality, quality_threshold, fill_holes):
+def _refine(mask, quality, quality_threshold, fill_holes, voxel_size_mm):
     quality = np.asarray(quality, dtype=np.float32)
     if quality.shape != mask.shape:
         raise ReconstructionError(
             f"phase_quality {quality.shape} and mask {mask.shape} differ in shape",
             "pass a quality map of the same matrix")
-    reliable = mask & (quality >= quality_threshold)
-    if not reliable.any():
+    return _keep_reliable(mask, quality >= quality_threshold, voxel_size_mm, fill_holes)
+
+
+def _keep_reliable(mask, reliable, voxel_size_mm, fill_holes, open_first=False):
+    """The largest connected piece of ``mask & reliable`` (first opened by one voxel, to cut
+    thin bridges, when ``open_first``), its enclosed holes refilled within ``mask`` and compact
+    dark lesions at its edge kept (:func:`restore_dark_lesions`). Unreliable voxels inside the
+    brain (veins, iron-rich nuclei) are holes and come back; those at the edge leave."""
+    kept = mask & reliable
+    if not kept.any():
         return mask
-    refined = _largest_component(reliable)
-    return ndimage.binary_fill_holes(refined) & mask if fill_holes else refined
+    step = max(voxel_size_mm)
+    if open_first:
+        kept = _morph_mm(kept, step, voxel_size_mm)
+        if not kept.any():
+            return mask
+    kept = _largest_component(kept)
+    if open_first:
+        kept = _morph_mm(kept, step, voxel_size_mm, dilate=True) & mask
+    if fill_holes:
+        kept = ndimage.binary_fill_holes(kept) & mask
+    return restore_dark_lesions(kept, mask & ~kept, voxel_size_mm)
 
 
-def refine_brain_mask(mask, phase_quality, *, quality_threshold=0.3, fill_holes=True):
+def apparent_r2star_per_s(magnitude, echo_times_s, voxel_size_mm):
+    """Apparent R2* (1/s, float32 ``[i, j, k]``) from the first and last echo of ``magnitude``
+    (``[i, j, k, echo]``), each box-smoothed over about 3 voxels so noise does not decide:
+    ln(S1 / Sn) / (TEn - TE1). A fast screen for the mask, not the R2* map (:mod:`.r2star`)."""
+    te = np.asarray(echo_times_s, dtype=np.float64).ravel()
+    first = ndimage.uniform_filter(magnitude[..., 0].astype(np.float32), 3)
+    last = ndimage.uniform_filter(magnitude[..., -1].astype(np.float32), 3)
+    tiny = np.float32(1e-6 * max(float(first.max()), 1e-30))
+    return (np.log(np.maximum(first, tiny) / np.maximum(last, tiny)) / np.float32(te[-1] - te[0])).astype(np.float32)
+
+
+def restore_dark_lesions(mask, candidates, voxel_size_mm, *, max_volume_ml=2.0, enclosed_fraction=0.6):
+    """Put compact dark lesions at the edge of ``mask`` back into it.
+
+    A bleed or calcification just under the cortex is dark in the magnitude and its phase is
+    unreliable, so thresholds and reliability cut it out of the mask, and hole filling cannot
+    bring it back when it touches the surface. Each connected piece of ``candidates`` (bool
+    ``[i, j, k]``: voxels that some step removed) no larger than ``max_volume_ml`` whose outer
+    boundary lies in ``mask`` for at least ``enclosed_fraction`` of its voxels is added back.
+    Skull, sinus walls and edge shells fail the test: they border the outside as much as the brain.
+    Returns bool ``[i, j, k]`` (host numpy).
+    """
+    labels, n = ndimage.label(candidates)
+    if n == 0:
+        return mask
+    max_voxels = max_volume_ml * 1000.0 / float(np.prod(voxel_size_mm))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    out = mask.copy()
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None or sizes[index] > max_voxels:
+            continue
+        grown_box = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
+        piece = labels[grown_box] == index
+        rim = ndimage.binary_dilation(piece) & ~piece
+        if rim.any() and np.count_nonzero(rim & mask[grown_box]) >= enclosed_fraction * np.count_nonzero(rim):
+            out[grown_box] |= piece
+    return out
+
+
+def refine_brain_mask(mask, phase_quality, *, quality_threshold=0.3, fill_holes=True, voxel_size_mm=(1.0, 1.0, 1.0)):
     """Drop unreliable-phase voxels from the edge of an existing mask (no magnitude needed).
 
     mask : bool [i, j, k] (e.g. from :func:`brain_mask`); phase_quality : [i, j, k] in [0, 1]
     (e.g. ``TotalField.phase_quality`` or :func:`field_noise_quality`). Voxels below
     ``quality_threshold`` are removed, the largest connected piece is kept and enclosed holes
     are refilled (interior veins stay), never growing beyond ``mask``. Same as passing
-    ``phase_quality`` to :func:`brain_mask`, without redoing the magnitude steps.
+    ``phase_quality`` to :func:`brain_mask`, without redoing the magnitude steps; compact dark
+    lesions at the edge stay (:func:`restore_dark_lesions`, sized with ``voxel_size_mm``).
     Returns bool [i, j, k] on the caller's backend (computed on the host).
     """
     xp = array_module(mask)
     out = _refine(to_host(mask).astype(bool), to_host(phase_quality), quality_threshold,
-                  fill_holes)
+                  fill_holes, voxel_size_mm)
     return xp.asarray(out)
 
 

@@ -138,10 +138,13 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
     # -- brain mask --------------------------------------------------------------------------------
     t = _Timer()
     magnitude = xp.abs(sig).astype(xp.float32)
-    mask0 = brain_mask(magnitude, vox, threshold=params["mask_threshold"], erosion_mm=params["mask_erosion_mm"])
+    mask_args = {"threshold": params["mask_threshold"], "erosion_mm": params["mask_erosion_mm"],
+                 "scalp_mm": params["mask_scalp_mm"], "echo_times_s": te_all,
+                 "r2star_max_per_s": params["mask_r2star_max_per_s"]}
+    mask0 = brain_mask(magnitude, vox, **mask_args)
     _sync(xp)
     steps.append(StepRecord("brain_mask", "bias-normalised magnitude threshold + morphology", REFERENCES["mask"],
-                            {"threshold": params["mask_threshold"], "erosion_mm": params["mask_erosion_mm"]}, t()))
+                            {k: v for k, v in mask_args.items() if k != "echo_times_s"}, t()))
 
     # -- offset removal, unwrapping, echo combination (front half) ---------------------------------
     t = _Timer()
@@ -157,8 +160,7 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
     n0 = int(xp.count_nonzero(mask0))
     unreliable = int(xp.count_nonzero(mask0 & (q < params["mask_quality_threshold"])))
     quality["unreliable_phase_fraction"] = unreliable / max(n0, 1)
-    mask = brain_mask(magnitude, vox, threshold=params["mask_threshold"], erosion_mm=params["mask_erosion_mm"],
-                      phase_quality=q, quality_threshold=params["mask_quality_threshold"])
+    mask = brain_mask(magnitude, vox, **mask_args, phase_quality=q, quality_threshold=params["mask_quality_threshold"])
     mask = xp.asarray(mask, dtype=bool) & xp.asarray(mask0, dtype=bool)
     if int(xp.count_nonzero(mask)) < 0.5 * n0:  # reliability collapsed: keep the magnitude mask
         warnings.append("phase reliability too low to refine the brain mask; magnitude mask kept")

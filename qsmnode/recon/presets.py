@@ -16,6 +16,12 @@ unwrap_method                  romeo     romeo     romeo     single-echo spatial
 phase_offset_sigma_mm          4.0       4.0       4.0       smoothing of the MCPC-3D-S offset, mm
 mask_threshold                 0.30      0.30      0.30      fraction of the bias-normalised head level
 mask_erosion_mm                4.0       4.0       4.0       brain/scalp separation radius, mm
+mask_scalp_mm                  6.0       6.0       6.0       outer head depth never taken as brain, mm (adults;
+                                                             lower it for infants, whose scalp and skull
+                                                             are thinner)
+mask_r2star_max_per_s          30.0      60.0      140.0     apparent R2* above which edge tissue leaves the
+                                                             mask (muscle, marrow, skull base); ~2x deep
+                                                             grey R2* (scales ~B0)
 mask_quality_threshold         0.30      0.30      0.25      phase reliability below which edge voxels are
                                                              dropped (7 T: stronger, noisier phase)
 background_method              pdf       pdf       pdf       category; PDF keeps the whole brain mask
@@ -61,6 +67,8 @@ FIELD_TABLE: dict[str, tuple[Any, Any, Any]] = {
     "phase_offset_sigma_mm": (4.0, 4.0, 4.0),
     "mask_threshold": (0.30, 0.30, 0.30),
     "mask_erosion_mm": (4.0, 4.0, 4.0),
+    "mask_scalp_mm": (6.0, 6.0, 6.0),
+    "mask_r2star_max_per_s": (30.0, 60.0, 140.0),
     "mask_quality_threshold": (0.30, 0.30, 0.25),
     "background_method": ("pdf", "pdf", "pdf"),
     "vsharp_radius_max_mm": (12.0, 12.0, 10.0),
@@ -86,7 +94,7 @@ COMMON: dict[str, Any] = {
     "inversion_pad_mm": 16.0,
 }
 
-SCALES_WITH_B0 = {"csf_r2star_max_per_s"}
+SCALES_WITH_B0 = {"csf_r2star_max_per_s", "mask_r2star_max_per_s"}
 SCALES_INVERSE_B0 = {"echo_max_te_s"}
 
 BACKGROUND_METHODS = ("pdf", "vsharp")

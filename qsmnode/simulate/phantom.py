@@ -38,6 +38,7 @@ LABELS: dict[str, int] = {
     "vein": 14,
     "microbleed": 15,
     "calcification": 16,
+    "marrow": 17,  # fatty bone marrow of the skull (qsmnode.simulate.realistic_head)
 }
 
 #: susceptibility in ppm relative to water, per label
@@ -59,6 +60,7 @@ CHI_PPM: dict[str, float] = {
     "vein": 0.45,
     "microbleed": 0.8,
     "calcification": -0.6,
+    "marrow": -1.0,
 }
 
 #: proton density (relative, arbitrary units)
@@ -80,6 +82,7 @@ M0: dict[str, float] = {
     "vein": 0.80,
     "microbleed": 0.50,
     "calcification": 0.30,
+    "marrow": 0.55,
 }
 
 #: R2* in 1/s at 3 T; other fields scale linearly with B0 (see HeadPhantom.r2star_per_s)
@@ -101,6 +104,7 @@ R2STAR_3T_PER_S: dict[str, float] = {
     "vein": 45.0,
     "microbleed": 100.0,
     "calcification": 80.0,
+    "marrow": 80.0,
 }
 
 #: labels that make up the brain mask (everything inside the inner skull except sinuses)
