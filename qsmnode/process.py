@@ -12,6 +12,7 @@ to send the QSM to PACS while the other series are still being made.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -25,6 +26,7 @@ import numpy as np
 from qsmnode.acquisition import Acquisition
 from qsmnode.recon.result import ReconResult
 
+log = logging.getLogger("qsmnode.process")
 
 @dataclass
 class ProcessOutcome:
@@ -73,11 +75,16 @@ def reconstruct_acquisition(
     return result
 
 
-def summarise(acquisition: Acquisition, result: ReconResult, stage_seconds: dict[str, float]) -> dict[str, Any]:
-    """Key numbers of one run, for the CLI's printed summary, the job record and the audit log."""
+def summarise(acquisition: Acquisition, result: ReconResult, stage_seconds: dict[str, float],
+              review=None) -> dict[str, Any]:
+    """Key numbers of one run, for the CLI's printed summary, the job record and the audit log.
+
+    ``review`` (a :class:`qsmnode.report.review.Review`, when the outputs were built) adds
+    ``low_confidence``, its ``concerns`` and ``findings`` counts, and its warnings to ``warnings``.
+    """
     mask = result.mask
     chi_ppb = result.chi_ppm[mask] * 1000.0 if mask.any() else np.zeros(1)
-    return {
+    summary = {
         "vendor": acquisition.vendor,
         "b0_tesla": round(float(acquisition.b0_tesla), 4),
         "matrix": list(acquisition.shape),
@@ -91,6 +98,10 @@ def summarise(acquisition: Acquisition, result: ReconResult, stage_seconds: dict
         "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
         "warnings": list(result.warnings),
     }
+    if review is not None:
+        summary.update(review.summary())
+        summary["warnings"] = list(dict.fromkeys([*review.warnings, *result.warnings]))
+    return summary
 
 
 def process_acquisition(
@@ -130,15 +141,19 @@ def process_acquisition(
 
     report("building and writing DICOM outputs")
     start = time.perf_counter()
+    reviews: list = []
     series = iter_output_series(acquisition, result, parametric_map=parametric_map,
-                                summary_image=summary_image)
+                                summary_image=summary_image, on_review=reviews.append)
     written = write_series(series, Path(output_dir), on_series=on_series)
     stage_seconds["outputs"] = time.perf_counter() - start  # wall: building and writing overlap
     stage_seconds["build_outputs"] = sum(w.build_seconds for w in written)
     stage_seconds["write"] = sum(w.write_seconds for w in written)
     paths = [p for w in written for p in w.paths]
 
-    summary = summarise(acquisition, result, stage_seconds)
+    review = reviews[0] if reviews else None
+    if review is not None and review.low_confidence:
+        log.warning("low-confidence result, findings withheld: %s", "; ".join(review.warnings))
+    summary = summarise(acquisition, result, stage_seconds, review)
     summary["outputs"] = len(paths)
     summary["series"] = {w.kind: len(w.paths) for w in written}
     summary["output_dir"] = str(output_dir)

@@ -27,7 +27,7 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pydicom
@@ -482,6 +482,7 @@ def iter_output_series(
     parametric_map: bool = True,
     summary_image: bool = True,
     software_version: str = qsmnode.__version__,
+    on_review: Callable[[Any], None] | None = None,
 ) -> Iterator[tuple[str, list[Dataset]]]:
     """Every output object for one reconstructed acquisition, one series at a time.
 
@@ -490,8 +491,10 @@ def iter_output_series(
     measurements, quality figures and provenance, the float32 Parametric Map of the QSM in ppm
     (if ``parametric_map``) and the summary Secondary Capture image(s) (if ``summary_image``).
     Each series is built only when the previous one has been taken, so a caller can write and
-    send the QSM while the rest is built. Runs the findings detection
-    (:func:`qsmnode.report.findings.find_foci`) itself, on a thread beside the classic series.
+    send the QSM while the rest is built. Runs the findings detection and plausibility checks
+    (:func:`qsmnode.report.review.review_result`) itself, on a thread beside the classic series,
+    and hands the :class:`~qsmnode.report.review.Review` to ``on_review`` (if given) before the
+    SR is built: a low-confidence result's SR and summary withhold the findings.
 
     Raises :class:`InputRefused` when the source cannot carry derived objects (no frame of
     reference, no study): at the call, before anything is built.
@@ -504,13 +507,14 @@ def iter_output_series(
     if not acquisition.header.get("StudyInstanceUID"):
         raise InputRefused("the source series has no StudyInstanceUID, so outputs cannot be "
                            "filed into its study", "send the original scanner series")
-    return _series(acquisition, result, parametric_map, summary_image, str(software_version))
+    return _series(acquisition, result, parametric_map, summary_image, str(software_version),
+                   on_review)
 
 
 def _series(acquisition, result, parametric_map: bool, summary_image: bool,
-            software_version: str) -> Iterator[tuple[str, list[Dataset]]]:
+            software_version: str, on_review) -> Iterator[tuple[str, list[Dataset]]]:
     from qsmnode.dicom.parametric_map import build_parametric_map
-    from qsmnode.report.findings import find_foci
+    from qsmnode.report.review import review_result
     from qsmnode.report.sr import build_measurement_report
     from qsmnode.report.summary_image import build_summary_images
 
@@ -527,20 +531,22 @@ def _series(acquisition, result, parametric_map: bool, summary_image: bool,
     # series are built (numpy and scipy.ndimage release the GIL for most of it); after the QSM,
     # which they must not delay
     findings = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsmnode-findings")
-    foci_future = findings.submit(find_foci, result.chi_ppm, result.mask, acquisition.voxel_size_mm)
+    review_future = findings.submit(review_result, acquisition, result)
     findings.shutdown(wait=False)
     scale = swi_scale(np.asarray(result.swi), np.asarray(result.minip))
     yield "SWI", classic("SWI", magnitude_to_stored(result.swi, scale))
     yield "MINIP", classic("MINIP", magnitude_to_stored(result.minip, scale))
     yield "R2STAR", classic("R2STAR", r2star_to_stored(result.r2star_per_s))
-    foci = foci_future.result()
-    yield KIND_SR, [build_measurement_report(acquisition, result, foci, qsm,
+    review = review_future.result()
+    if on_review is not None:
+        on_review(review)
+    yield KIND_SR, [build_measurement_report(acquisition, result, review, qsm,
                                              software_version=software_version)]
     if parametric_map:
         yield KIND_PARAMETRIC_MAP, [build_parametric_map(acquisition, result, qsm,
                                                          software_version=software_version)]
     if summary_image:
-        yield KIND_SUMMARY, list(build_summary_images(acquisition, result, foci,
+        yield KIND_SUMMARY, list(build_summary_images(acquisition, result, review,
                                                       software_version=software_version, when=when))
 
 

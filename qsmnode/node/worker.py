@@ -495,8 +495,11 @@ class WorkerPool:
             self._hand_series(job, out_dir, {"kind": "rest", "paths": [str(p) for p in missing]}, handed)
         paths = [p for _, ps in handed for p in ps]
         destinations = job.get("destinations") or []
-        self.index.finish_job(job_id, "done", output_dir=str(out_dir), outputs=[str(p) for p in paths],
-                              summary=summary)
+        reason = low_confidence_reason(summary)
+        self.index.finish_job(job_id, "done", reason=reason, output_dir=str(out_dir),
+                              outputs=[str(p) for p in paths], summary=summary)
+        if reason:
+            log.warning("job %s: %s", job_id, reason)
         if self.metrics:
             for stage, s in (summary.get("stage_seconds") or {}).items():
                 self.metrics.stage_seconds.labels(stage=stage).observe(float(s))
@@ -508,7 +511,9 @@ class WorkerPool:
         if self.audit:
             self.audit.record("processed", job_id=job_id, acquisition=job["acquisition_id"], outputs=len(paths),
                               seconds=round(seconds, 2), stage_seconds=summary.get("stage_seconds"),
-                              destinations=[d["name"] for d in destinations])
+                              destinations=[d["name"] for d in destinations],
+                              low_confidence=bool(summary.get("low_confidence")),
+                              concerns=[c.get("check") for c in summary.get("concerns") or []])
         if self.dispatcher is not None:
             self.dispatcher.close_job(job_id)
         return "done"
@@ -529,6 +534,15 @@ class WorkerPool:
         if self.dispatcher is not None:
             self.dispatcher.close_job(job["id"])
         return "failed"
+
+
+def low_confidence_reason(summary: dict) -> str | None:
+    """The job record's reason for a done job whose result is low-confidence (its outputs were
+    sent, its findings withheld), from the run's summary; None for a plausible result."""
+    if not summary.get("low_confidence"):
+        return None
+    concerns = "; ".join(c.get("headline", "") for c in summary.get("concerns") or [])
+    return f"low confidence, findings withheld: {concerns}"
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

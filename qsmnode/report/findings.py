@@ -53,6 +53,8 @@ class Focus:
     elongation : principal-axis ratio ``sqrt(l_max / l_min)`` (1 = sphere, large = tube).
     equivalent_diameter_mm : diameter of the sphere of the same volume.
     n_voxels : number of voxels.
+    edge_distance_mm : distance (mm) from the focus' voxel nearest the mask edge to the nearest
+        voxel outside the mask or the field of view (a voxel touching the edge: one voxel size).
     """
 
     kind: str
@@ -63,6 +65,7 @@ class Focus:
     elongation: float
     equivalent_diameter_mm: float
     n_voxels: int
+    edge_distance_mm: float = float("inf")
 
     @property
     def candidate_label(self) -> str:
@@ -91,6 +94,14 @@ def principal_axis_elongation(
     cov = (centred * w[:, None]).T @ centred + np.eye(3) * (vox.max() ** 2 / 12.0)
     eig = np.linalg.eigvalsh(cov)
     return float(np.sqrt(max(eig[-1], 1e-12) / max(eig[0], 1e-12)))
+
+
+def edge_distance_mm(mask: np.ndarray, voxel_size_mm) -> np.ndarray:
+    """Per voxel of ``mask``, the Euclidean distance (mm) to the nearest voxel outside it,
+    counting the array's border as outside (a cut field of view is an edge too); 0 outside."""
+    padded = np.pad(np.asarray(mask, dtype=bool), 1)
+    distance = ndimage.distance_transform_edt(padded, sampling=np.asarray(voxel_size_mm, float))
+    return distance[1:-1, 1:-1, 1:-1].astype(np.float32)
 
 
 def _robust_sigma(values: np.ndarray) -> float:
@@ -232,6 +243,7 @@ def find_foci(
     params = dict(max_elongation=max_elongation, max_diameter_mm=max_diameter_mm,
                   peak_threshold=peak_threshold, min_blob_ratio=min_blob_ratio,
                   sigma_vox=sigma_vox, vox=vox, voxel_volume=voxel_volume)
+    edge_mm = edge_distance_mm(mask, vox)
 
     foci: list[Focus] = []
     for sign, kind in ((1.0, "paramagnetic"), (-1.0, "diamagnetic")):
@@ -248,6 +260,7 @@ def find_foci(
             region = labels[box] == index
             xb = x[box]
             chib = sign * chi[box]
+            params["edge_mm"] = edge_mm[box]
             focus = _compact_focus(region, xb, chib, offset, sign, kind, **params)
             if focus is not None:
                 found.append(focus)
@@ -268,9 +281,10 @@ def find_foci(
 
 def _compact_focus(region, x, chi_signed, offset, sign, kind, *, max_elongation,
                    max_diameter_mm, peak_threshold, min_blob_ratio, sigma_vox, vox,
-                   voxel_volume) -> Focus | None:
+                   voxel_volume, edge_mm) -> Focus | None:
     """``region`` (bool, in the box) as a Focus if it passes every test, else None.
-    ``x``: signed contrast (bright = the focus' sign) in the box; ``chi_signed``: sign * chi."""
+    ``x``: signed contrast (bright = the focus' sign) in the box; ``chi_signed``: sign * chi;
+    ``edge_mm``: :func:`edge_distance_mm` in the box."""
     coords = np.argwhere(region)
     n = coords.shape[0]
     if n == 0:
@@ -298,6 +312,7 @@ def _compact_focus(region, x, chi_signed, offset, sign, kind, *, max_elongation,
         elongation=elongation,
         equivalent_diameter_mm=diameter,
         n_voxels=int(n),
+        edge_distance_mm=float(edge_mm[region].min()),
     )
 
 

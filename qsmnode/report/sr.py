@@ -13,12 +13,16 @@ Content, in measurement groups (TID 1501 unless stated):
 3. ``Reference region: <name>``: the referencing offset of each region (whole brain always),
    with a note saying which region the map is referenced to.
 4. ``Whole brain``: mask volume and susceptibility mean / SD / median / 5th / 95th percentile,
-   the number of candidate foci of each sign.
-5. ``Quality``: every ``result.quality`` figure and every warning (acquisition and
-   reconstruction) as text.
-6. ``Focus <n>`` (TID 1411 volumetric ROI): each candidate focus as a SCOORD3D point (patient
-   LPS mm in the source frame of reference), finding type haemorrhage (paramagnetic) or
-   calcification (diamagnetic), certainty "Uncertain", volume, mean and peak susceptibility,
+   the number of reported candidate foci of each sign (left out when findings are withheld).
+5. ``Quality``: every ``result.quality`` figure, the result's confidence (a qualitative
+   evaluation: low when any plausibility check of :mod:`qsmnode.recon.plausibility` raised a
+   concern), and every warning (acquisition, reconstruction, plausibility) as text.
+6. ``Findings``: what was not listed and why (:meth:`qsmnode.report.review.Review.findings_sentences`):
+   findings withheld from a low-confidence result, candidates beyond the cap, at the mask edge
+   or below the minimum size.
+7. ``Focus <n>`` (TID 1411 volumetric ROI): each listed candidate focus as a SCOORD3D point
+   (patient LPS mm in the source frame of reference), finding type haemorrhage (paramagnetic)
+   or calcification (diamagnetic), certainty "Uncertain", volume, mean and peak susceptibility,
    elongation and equivalent diameter, and a sentence saying a reader must confirm it.
 
 Concepts without a standard code use the private coding scheme ``99QSMNODE`` (declared in the
@@ -60,6 +64,7 @@ from qsmnode.dicom.outputs import (
     series_number,
 )
 from qsmnode.report.findings import Focus, whole_brain_statistics
+from qsmnode.report.review import Review
 
 LOCAL_SCHEME = "99QSMNODE"
 
@@ -109,6 +114,9 @@ EQUIVALENT_DIAMETER = _local("QSMN011", "Equivalent sphere diameter")
 N_PARAMAGNETIC = _local("QSMN012", "Number of candidate paramagnetic foci")
 N_DIAMAGNETIC = _local("QSMN013", "Number of candidate diamagnetic foci")
 REFERENCE_OFFSET = _local("QSMN014", "Reference region susceptibility")
+RESULT_CONFIDENCE = _local("QSMN015", "Result confidence")
+LOW_CONFIDENCE = _local("QSMN016", "Low confidence: findings withheld")
+NO_CONCERN = _local("QSMN017", "No plausibility concern")
 
 _QUALITY_CODES = {
     "mask_volume_ml": ("QSMN020", "Brain mask volume", ML),
@@ -172,15 +180,17 @@ def focus_sentence(n: int, focus: Focus, position_lps: np.ndarray) -> str:
 def build_measurement_report(
     acquisition,
     result,
-    foci: list[Focus],
+    review: Review,
     evidence: list[Dataset],
     *,
     software_version: str,
 ) -> Dataset:
     """The TID 1500 Comprehensive 3D SR for one reconstruction (see the module doc).
 
-    ``evidence``: the QSM classic MR instances the report describes (same study); they are
-    listed in the Current Requested Procedure Evidence Sequence.
+    ``review``: plausibility and findings (:func:`qsmnode.report.review.review_result`); only
+    its listed findings become focus groups. ``evidence``: the QSM classic MR instances the
+    report describes (same study); they are listed in the Current Requested Procedure Evidence
+    Sequence.
     """
     header = acquisition.header
     source_key = "+".join(sorted(acquisition.source_series_uids))
@@ -264,29 +274,33 @@ def build_measurement_report(
 
     # 4. Whole brain
     stats = whole_brain_statistics(result.chi_ppm, result.mask, vox)
-    n_para = sum(1 for f in foci if f.kind == "paramagnetic")
-    n_dia = len(foci) - n_para
+    reported = review.findings.reported
+    n_para = sum(1 for f in reported if f.kind == "paramagnetic")
+    n_dia = len(reported) - n_para
+    measurements = [
+        Measurement(name=VOLUME, value=stats["volume_ml"], unit=ML),
+        Measurement(name=SUSCEPTIBILITY, value=stats["mean_ppm"], unit=PPM, derivation=MEAN),
+        Measurement(name=SUSCEPTIBILITY, value=stats["std_ppm"], unit=PPM, derivation=SD),
+        Measurement(name=SUSCEPTIBILITY, value=stats["median_ppm"], unit=PPM, derivation=MEDIAN),
+        Measurement(name=SUSCEPTIBILITY, value=stats["p05_ppm"], unit=PPM, derivation=P05),
+        Measurement(name=SUSCEPTIBILITY, value=stats["p95_ppm"], unit=PPM, derivation=P95),
+    ]
+    if review.findings.withheld_reason:
+        findings_text = "Candidate foci are not reported: the findings were withheld (see Findings)."
+    else:
+        measurements += [Measurement(name=N_PARAMAGNETIC, value=float(n_para), unit=COUNT),
+                         Measurement(name=N_DIAMAGNETIC, value=float(n_dia), unit=COUNT)]
+        findings_text = (
+            f"{n_para} candidate paramagnetic foci (possible microbleeds / haemosiderin) and "
+            f"{n_dia} candidate diamagnetic foci (possible calcifications) found automatically; "
+            "elongated paramagnetic structures (veins) are excluded by shape. Every candidate "
+            "needs a reader's confirmation.")
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(acquisition, software_version, "Whole brain"),
         finding_sites=[FindingSite(BRAIN)],
         algorithm_id=steps_algorithm,
-        measurements=[
-            Measurement(name=VOLUME, value=stats["volume_ml"], unit=ML),
-            Measurement(name=SUSCEPTIBILITY, value=stats["mean_ppm"], unit=PPM, derivation=MEAN),
-            Measurement(name=SUSCEPTIBILITY, value=stats["std_ppm"], unit=PPM, derivation=SD),
-            Measurement(name=SUSCEPTIBILITY, value=stats["median_ppm"], unit=PPM,
-                        derivation=MEDIAN),
-            Measurement(name=SUSCEPTIBILITY, value=stats["p05_ppm"], unit=PPM, derivation=P05),
-            Measurement(name=SUSCEPTIBILITY, value=stats["p95_ppm"], unit=PPM, derivation=P95),
-            Measurement(name=N_PARAMAGNETIC, value=float(n_para), unit=COUNT),
-            Measurement(name=N_DIAMAGNETIC, value=float(n_dia), unit=COUNT),
-        ])
-    _add_texts(group, [
-        f"Susceptibility referenced to {result.reference_region}. {n_para} candidate "
-        f"paramagnetic foci (possible microbleeds / haemosiderin) and {n_dia} candidate "
-        "diamagnetic foci (possible calcifications) found automatically; elongated "
-        "paramagnetic structures (veins) are excluded by shape. Every candidate needs a "
-        "reader's confirmation."])
+        measurements=measurements)
+    _add_texts(group, [f"Susceptibility referenced to {result.reference_region}. {findings_text}"])
     groups.append(group)
 
     # 5. Quality
@@ -302,18 +316,30 @@ def build_measurement_report(
         measurements.append(Measurement(name=concept, value=number, unit=unit))
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(acquisition, software_version, "Quality"),
-        measurements=measurements or None)
-    warnings = [*acquisition.warnings, *result.warnings]
-    _add_texts(group, [f"Warning: {w}" for w in warnings] or ["No warnings."])
+        measurements=measurements or None,
+        qualitative_evaluations=[QualitativeEvaluation(
+            RESULT_CONFIDENCE, LOW_CONFIDENCE if review.low_confidence else NO_CONCERN)])
+    warnings = list(dict.fromkeys([*acquisition.warnings, *result.warnings, *review.warnings]))
+    texts = [review.banner()] if review.low_confidence else []
+    texts += [f"Warning: {w}" for w in warnings] or ["No warnings."]
+    _add_texts(group, texts)
     groups.append(group)
 
-    # 6. Findings
+    # 6. What was not listed, and why
+    sentences = review.findings_sentences()
+    if sentences:
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(acquisition, software_version, "Findings"))
+        _add_texts(group, sentences)
+        groups.append(group)
+
+    # 7. Findings
     detection = AlgorithmIdentification(
         name="qsmnode focus detection", version=str(software_version),
         parameters=["connected components of |chi| above threshold; compact shape "
                     "(principal-axis elongation) separates foci from veins; see "
                     "qsmnode.report.findings"])
-    for n, focus in enumerate(foci, start=1):
+    for n, focus in enumerate(review.findings.listed, start=1):
         position = focus_position_lps(focus, acquisition.affine)
         paramagnetic = focus.kind == "paramagnetic"
         peak_derivation = MAXIMUM if paramagnetic else MINIMUM

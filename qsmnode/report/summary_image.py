@@ -1,6 +1,10 @@
 """Summary image: one Secondary Capture with a key slice of the QSM and the SWI, a grey bar in
 ppb, and the list of candidate foci as text (burned-in annotation, no patient identifiers).
 
+A low-confidence result (:class:`qsmnode.report.review.Review`) says so on its first text line
+in amber ("LOW CONFIDENCE - findings withheld: ..."), one line per concern follows, no focus is
+circled or listed, and ImageComments carries the same banner for viewers that show it.
+
 The key slice is the slice of the most extreme candidate focus, or, with no focus, the slice
 with the largest brain area. Slices are shown as a viewer shows the stored images
 (``pixel_array = vol[:, :, k].T``: rows along ``j``, columns along ``i``), resampled to square
@@ -10,6 +14,7 @@ display pixels. Paramagnetic foci are circled red, diamagnetic foci cyan.
 from __future__ import annotations
 
 import datetime as _dt
+import textwrap
 
 import numpy as np
 import pydicom
@@ -29,12 +34,15 @@ from qsmnode.dicom.outputs import (
     series_number,
 )
 from qsmnode.report.findings import Focus
+from qsmnode.report.review import Review
 
 PANEL_PX = 320
 TEXT_HEIGHT_PX = 260
 BAR_WIDTH_PX = 24
 PARAMAGNETIC_RGB = (255, 60, 60)
 DIAMAGNETIC_RGB = (60, 220, 255)
+WARNING_RGB = (255, 190, 0)
+NO_FOCUS_TEXT = "No candidate microbleed or calcification found (automated)."
 
 
 def key_slice(mask: np.ndarray, foci: list[Focus]) -> int:
@@ -70,6 +78,17 @@ def _panel(slice_2d: np.ndarray, lo: float, hi: float, spacing_ji, size: int) ->
     return canvas, sx, sy
 
 
+def _line_colour(line: str) -> tuple[int, int, int]:
+    """Amber for the low-confidence banner and its concerns, red/cyan for listed foci."""
+    if line.startswith(("LOW CONFIDENCE", "  - ")):
+        return WARNING_RGB
+    if "microbleed" in line and line[:1].isdigit():
+        return PARAMAGNETIC_RGB
+    if "calcification" in line and line[:1].isdigit():
+        return DIAMAGNETIC_RGB
+    return (255, 255, 255)
+
+
 def render_summary(
     chi_ppm: np.ndarray,
     swi: np.ndarray,
@@ -78,11 +97,15 @@ def render_summary(
     foci: list[Focus],
     *,
     lines: list[str] | None = None,
+    findings_text: list[str] | None = None,
 ) -> tuple[np.ndarray, int]:
     """RGB uint8 image ``(rows, columns, 3)`` of the summary and the key slice index ``k``.
 
     ``chi_ppm`` ppm and ``swi`` (any units) ``[i, j, k]``; the QSM panel is windowed to
-    +-150 ppb with a grey bar; ``lines`` is extra text (one line each) above the findings list.
+    +-150 ppb with a grey bar; ``lines`` is extra text (one line each) above the findings list
+    (the low-confidence banner and its concern lines, "  - ...", in amber); ``findings_text``
+    follows the list (default with no focus: :data:`NO_FOCUS_TEXT`). Lines longer than the
+    width are wrapped.
     """
     mask = np.asarray(mask, dtype=bool)
     k = key_slice(mask, foci)
@@ -140,42 +163,63 @@ def render_summary(
             text.append(
                 f"{n}. {focus.candidate_label}: slice {int(round(focus.centroid_ijk[2])) + 1}, "
                 f"{focus.volume_mm3:.0f} mm3, peak {focus.peak_ppm * 1000:+.0f} ppb")
-    else:
-        text.append("No candidate microbleed or calcification found (automated).")
+    elif findings_text is None:
+        text.append(NO_FOCUS_TEXT)
+    text.extend(findings_text or [])
+    rows = [(part, _line_colour(line)) for line in text
+            for part in textwrap.wrap(line, 96, subsequent_indent="    ") or [""]]
     max_lines = (TEXT_HEIGHT_PX - 8) // 16
-    if len(text) > max_lines:
-        extra = len(text) - max_lines + 1
-        text = text[: max_lines - 1] + [f"... {extra} more: see the structured report"]
-    for line in text:
-        colour = (255, 255, 255)
-        if "microbleed" in line and line[:1].isdigit():
-            colour = PARAMAGNETIC_RGB
-        elif "calcification" in line and line[:1].isdigit():
-            colour = DIAMAGNETIC_RGB
-        draw.text((6, y), line[:110], fill=colour, font=normal)
+    if len(rows) > max_lines:
+        extra = len(rows) - max_lines + 1
+        rows = rows[: max_lines - 1] + [(f"... {extra} more lines: see the structured report",
+                                         (255, 255, 255))]
+    for line, colour in rows:
+        draw.text((6, y), line, fill=colour, font=normal)
         y += 16
     return np.asarray(canvas, dtype=np.uint8), k
+
+
+def summary_lines(acquisition, result, review: Review, software_version: str) -> list[str]:
+    """The text above the findings: provenance, the low-confidence banner and its concerns,
+    then up to three other warnings."""
+    lines = [
+        f"qsmnode {software_version} - {result.preset.get('name', '') if result.preset else ''}"
+        f" - referenced to {result.reference_region} - B0 {acquisition.b0_tesla:.2f} T",
+    ]
+    if review.low_confidence:
+        lines.append("LOW CONFIDENCE - findings withheld; read the map itself:")
+        lines += [f"  - {c.headline}" for c in review.concerns]
+    others = [w for w in dict.fromkeys([*acquisition.warnings, *result.warnings])
+              if w not in review.warnings]
+    lines += [f"Warning: {w}" for w in others[:3]]
+    return lines
+
+
+def _findings_text(review: Review) -> list[str] | None:
+    """What the image says besides the listed foci (None: the default)."""
+    withheld = review.findings.withheld
+    if review.findings.withheld_reason:
+        return [f"No findings listed: {len(withheld)} automated candidate foci withheld "
+                "(low-confidence result, see above and the structured report)."]
+    return review.findings_sentences() or None
 
 
 def build_summary_images(
     acquisition,
     result,
-    foci: list[Focus],
+    review: Review,
     *,
     software_version: str,
     when: _dt.datetime | None = None,
 ) -> list[Dataset]:
-    """The summary Secondary Capture instance(s) (RGB, BurnedInAnnotation YES)."""
+    """The summary Secondary Capture instance(s) (RGB, BurnedInAnnotation YES) of ``result``
+    with the findings ``review`` lists (and its low-confidence banner)."""
     when = when or _dt.datetime.now()
     header = acquisition.header
-    lines = [
-        f"qsmnode {software_version} - {result.preset.get('name', '') if result.preset else ''}"
-        f" - referenced to {result.reference_region} - B0 {acquisition.b0_tesla:.2f} T",
-    ]
-    for w in [*acquisition.warnings, *result.warnings][:3]:
-        lines.append(f"Warning: {w}")
     rgb, k = render_summary(result.chi_ppm, result.swi, result.mask,
-                            acquisition.voxel_size_mm, foci, lines=lines)
+                            acquisition.voxel_size_mm, review.findings.listed,
+                            lines=summary_lines(acquisition, result, review, software_version),
+                            findings_text=_findings_text(review))
     ds = Dataset()
     ds.SpecificCharacterSet = header.get("SpecificCharacterSet", "ISO_IR 100")
     ds.ImageType = ["DERIVED", "SECONDARY", "SUMMARY"]
@@ -205,6 +249,8 @@ def build_summary_images(
     ds.BodyPartExamined = header.get("BodyPartExamined") or "BRAIN"
     ds.PatientOrientation = ""
     ds.BurnedInAnnotation = "YES"
+    if review.low_confidence:
+        ds.ImageComments = review.banner()[:10240]
     ds.DerivationDescription = (
         f"Key slice {k + 1} of the QSM (window -150..+150 ppb) and SWI series with the list of "
         "automatically detected candidate foci")

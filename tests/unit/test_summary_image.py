@@ -16,6 +16,7 @@ from qsmnode.report.summary_image import (
     render_summary,
 )
 from test_outputs import synthetic_case
+from test_sr import plausible_review
 
 
 def _colour_pixels(rgb: np.ndarray, colour) -> int:
@@ -51,8 +52,8 @@ def test_render_marks_foci_and_lists_them():
 
 def test_secondary_capture_attributes(tmp_path):
     acquisition, result = synthetic_case()
-    foci = find_foci(result.chi_ppm, result.mask, acquisition.voxel_size_mm)
-    (ds,) = build_summary_images(acquisition, result, foci, software_version="0.1.0")
+    (ds,) = build_summary_images(acquisition, result, plausible_review(acquisition, result),
+                                 software_version="0.1.0")
     path = tmp_path / "summary.dcm"
     ds.save_as(path, enforce_file_format=True)
     back = pydicom.dcmread(path)
