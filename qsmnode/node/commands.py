@@ -167,6 +167,8 @@ def _destination(args):
 
 
 def _associate(ae, dest):
+    from qsmnode.node.dispatch import prepare_scu_association
+
     kwargs = {"ae_title": dest.ae_title}
     ctx = dest.ssl_context() if hasattr(dest, "ssl_context") else None
     if ctx is not None:
@@ -176,6 +178,7 @@ def _associate(ae, dest):
         why = "rejected the association" if assoc.is_rejected else "could not be reached (or aborted)"
         raise NetworkError(f"{dest.ae_title}@{dest.host}:{dest.port} {why}",
                            "check the AE titles on both sides, the host/port and TLS settings")
+    prepare_scu_association(assoc)  # the dispatcher's: no C-STORE response lost (pynetdicom #875)
     return assoc
 
 

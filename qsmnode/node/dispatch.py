@@ -940,8 +940,7 @@ class Dispatcher:
             self._assocs.add(assoc)
         if self._stop.is_set():
             assoc.abort()
-        _tune_socket(assoc)
-        _keep_responses(assoc)
+        prepare_scu_association(assoc)
         return assoc
 
     def _send_dimse_one(self, dest: Destination, items: list[_Item], contexts, assoc=None
@@ -1128,6 +1127,14 @@ class _PeerErrors(logging.Filter):
 
 
 _PEER_ERRORS = _PeerErrors()
+
+
+def prepare_scu_association(assoc) -> None:
+    """Ready an established association that this program opened as a C-STORE SCU (the
+    dispatcher's, ``qsmnode send``'s): quick TCP (:func:`_tune_socket`) and no lost C-STORE
+    responses (:func:`_keep_responses`, pynetdicom issue #875)."""
+    _tune_socket(assoc)
+    _keep_responses(assoc)
 
 
 def _tune_socket(assoc) -> None:
