@@ -19,10 +19,12 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.tag import Tag
 from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid)
 
@@ -167,6 +169,25 @@ def deflate_bomb(inflated_mib: int = 64) -> Sent:
     ds.Rows = ds.Columns = side
     ds.PixelData = bytes(side * side * 2)
     return sent(f"deflate-bomb-{inflated_mib}MiB", ds, DeflatedExplicitVRLittleEndian)
+
+
+#: Attributes whose garbage value pydicom quotes when it reads it (a warning; for InstanceNumber
+#: also the error message of the int() conversion).
+QUOTED_WHEN_READ = {"EchoNumbers": 0x00180086, "InstanceNumber": 0x00200013}
+
+
+def identifiers_in_a_value(keyword: str = "EchoNumbers") -> Sent:
+    """A well-formed MR image whose IS value ``keyword`` is garbage holding a copy of the patient
+    module's bytes (name, ID): pydicom warns when it reads it, quoting the value."""
+    ds = mr_dataset()
+    patient = Dataset()
+    for name, value in PATIENT.items():
+        setattr(patient, name, value)
+    value = encode(patient, ExplicitVRLittleEndian)
+    value += b" " * (len(value) % 2)
+    tag = Tag(QUOTED_WHEN_READ[keyword])
+    ds[tag] = RawDataElement(tag, "IS", len(value), value, 0, False, True)
+    return sent(f"identifiers-in-{keyword}", ds, ExplicitVRLittleEndian)
 
 
 # ------------------------------------------------------------------------------ fuzz mutations

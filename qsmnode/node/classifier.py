@@ -27,6 +27,7 @@ import pydicom
 
 from qsmnode.child_process import die_with_parent
 from qsmnode.dicom.classify import InstanceInfo, classify_instance
+from qsmnode.logs import setup_logging, withhold_details
 
 log = logging.getLogger("qsmnode.tracker")
 
@@ -53,16 +54,23 @@ def classify_sources(sources: list[Source], classify: Callable = classify_instan
             out.append(Classified(classify(ds), int(number) if number not in (None, "") else None,
                                   str(ds.get("SeriesDescription", "") or "")))
         except Exception as err:  # noqa: BLE001 - one unreadable instance must not stop the others
-            out.append(f"{type(err).__name__}: {err}")
+            # the message may quote the bad value, and with it patient data: its words only
+            out.append(f"{type(err).__name__}: {withhold_details(str(err))}")
     return out
 
 
-def _child_init(niceness: int, node_pid: int) -> None:
+def _child_init(niceness: int, node_pid: int, log_level: str) -> None:
     die_with_parent(node_pid)
+    setup_logging(log_level)  # pydicom's warnings quote header bytes: through the node's filter, not raw stderr
     try:
         os.nice(niceness)
     except OSError:
         pass
+
+
+def _log_level() -> str:
+    """The node's log level, for the child's log set-up."""
+    return logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
 
 
 class ClassifierProcess:
@@ -99,7 +107,8 @@ class ClassifierProcess:
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_child_init, initargs=(self.niceness, os.getpid()))
+                                                 initializer=_child_init,
+                                                 initargs=(self.niceness, os.getpid(), _log_level()))
         return self._executor
 
     def close(self) -> None:

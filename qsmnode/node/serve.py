@@ -4,7 +4,8 @@ On start the node resumes where it stopped: the receive journal is replayed, spo
 lacks are indexed again, temporary files and partial outputs are removed, jobs that were running
 are queued again and the dispatcher's outbox carries on. SIGTERM/SIGINT stop it cleanly: the receiver stops taking
 associations, a running job's child is killed and its job re-queued, the outbox is kept.
-Logging goes to stderr, one line per event, without patient names (UIDs only).
+Logging goes to stderr, one line per event, without patient names (UIDs only), library messages
+included (:mod:`qsmnode.logs`).
 """
 
 from __future__ import annotations
@@ -16,42 +17,11 @@ import threading
 import time
 from dataclasses import asdict
 
+from qsmnode.logs import PynetdicomOnlyInDebug, setup_logging  # noqa: F401 - imported from here too
 from qsmnode.node.index import Index
 from qsmnode.node.spool import Spool
 
 log = logging.getLogger("qsmnode.node")
-
-
-class PynetdicomOnlyInDebug(logging.Filter):
-    """Drops pynetdicom's records unless the node logs at debug level.
-
-    pynetdicom logs ERROR lines (and, for TLS and broken connections, tracebacks) for every failed
-    connection, e.g. on every retry while a destination PACS is down. The node says the same in
-    one line of its own per event (the dispatcher: which destination, the cause, the next try;
-    the receiver: each refused association), so pynetdicom's lines are noise at info level.
-    With ``log_level = "debug"`` they are shown, for troubleshooting.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name != "pynetdicom" and not record.name.startswith("pynetdicom."):
-            return True
-        return logging.getLogger().isEnabledFor(logging.DEBUG)
-
-
-def setup_logging(level: str = "info") -> None:
-    """One line per event on stderr; pynetdicom's own lines only at debug level."""
-    from pynetdicom import _config as pynetdicom_config
-
-    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
-    root = logging.getLogger()
-    if not any(getattr(h, "_qsmnode", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler.addFilter(PynetdicomOnlyInDebug())
-        handler._qsmnode = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 class Node:
