@@ -73,9 +73,11 @@ class FolderPacs:
             return {uid: list(paths) for uid, paths in self.received.items()}
 
 
-def send_files(paths: list[Path], port: int, called_ae: str) -> None:
-    """Send like a scanner: DCMTK storescu when installed, else pynetdicom."""
-    storescu = Path("/usr/bin/storescu")
+def send_files(paths: list[Path], port: int, called_ae: str, storescu: Path = Path("/usr/bin/storescu")) -> None:
+    """Send like a scanner: DCMTK ``storescu`` when installed, else pynetdicom (with the
+    dispatcher's workaround for its lost-response race)."""
+    from qsmnode.node.dispatch import prepare_scu_association
+
     if storescu.exists():
         subprocess.run([str(storescu), "-aec", called_ae, "-aet", "SCANNER", "127.0.0.1", str(port),
                         *map(str, paths)], check=True, capture_output=True)
@@ -87,6 +89,7 @@ def send_files(paths: list[Path], port: int, called_ae: str) -> None:
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
     if not assoc.is_established:
         raise QsmNodeError("the node did not accept the association", "see the node log above")
+    prepare_scu_association(assoc)
     try:
         for ds in datasets:
             assoc.send_c_store(ds)

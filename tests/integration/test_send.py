@@ -52,3 +52,23 @@ def test_send_many_instances_over_several_associations_without_stalls(tmp_path, 
         stop.set()
         competitor.join()
         node.stop()
+
+
+def test_the_demo_sends_through_pynetdicom_without_stalls_when_storescu_is_absent(tmp_path, free_port):
+    require_tools(ECHOSCU_BIN)
+    from qsmnode.demo import send_files
+
+    node = NodeProcess(tmp_path / "node", free_port()).start()
+    stop = threading.Event()
+    competitor = threading.Thread(target=busy, args=(stop,), daemon=True)
+    competitor.start()
+    try:
+        paths = make_mr_instances(tmp_path / "in", ASSOCIATIONS * PER_ASSOCIATION, rows=8)
+        start = time.monotonic()
+        send_files(paths, node.port, "QSMNODE", storescu=tmp_path / "no-storescu")
+        assert time.monotonic() - start < 20.0, "a C-STORE response was lost"
+        assert len(node.spool_files(len(paths))) == len(paths)
+    finally:
+        stop.set()
+        competitor.join()
+        node.stop()
