@@ -255,7 +255,7 @@ def mixed_attributes(rng: random.Random) -> Sent:
                         "SOPClassUID": [CTImageStorage, "1.2.3", "", MRImageStorage + ".9"]}.get(
         keyword, [0, 1, 2, 3, 7, 8, 12, 16, 17, 32, 64, 255, 65535]))
     setattr(ds, keyword, value)
-    return sent(f"attr-{keyword}", ds, rng.choice(NATIVE_SYNTAXES[:3]))
+    return sent(f"attr-{keyword}", ds, rng.choice(NATIVE_SYNTAXES[:3]), sop_class_uid=MRImageStorage)
 
 
 def _explicit_element_offsets(data: bytes) -> list[int]:
