@@ -37,7 +37,8 @@ tv_gradient_scale_ppm_per_mm   0.05      0.05      0.05      Laplace-prior scale
 model_error_ppm                0.003     0.003     0.003     field-noise floor for model error, ppm (the
                                                              measured noise carries the field dependence)
 admm_iterations                60        60        60
-admm_tolerance                 0.005     0.005     0.005     relative change of chi that stops ADMM
+admm_tolerance                 0.005     0.005     0.005     relative change of chi inside the mask that stops
+                                                             ADMM (3 iterations in a row)
 tkd_threshold                  0.19      0.19      0.19      TKD truncation of |D| (Shmueli 2009)
 swi_mask_power                 4         4         3         phase-mask power; fewer at 7 T (strong phase)
 minip_slab_mm                  16.0      14.0      10.0      thinner slabs at higher field (more veins)

@@ -115,3 +115,24 @@ def test_linear_in_the_field(scene):
     a, _, _ = pdf(local * mask, mask, VOX, B0, tolerance=1e-6, max_iterations=30)
     b, _, _ = pdf(2 * local * mask, mask, VOX, B0, tolerance=1e-6, max_iterations=30)
     assert np.allclose(b, 2 * a, atol=1e-5 * np.abs(local).max())
+
+
+def test_pdf_iterates_do_not_depend_on_precision(scene):
+    """At a fixed iteration count, float32 CG follows float64 CG (reorthogonalised: no rounding-dependent
+    delay of convergence), and the stopping test is recorded."""
+    mask, bg, local = scene
+    total = (bg + local) * mask
+    a, _, ia = pdf(total, mask, VOX, B0, tolerance=0, max_iterations=40)
+    b, _, ib = pdf(total, mask, VOX, B0, tolerance=0, max_iterations=40, dtype=np.float64)
+    assert a.dtype == np.float32 and b.dtype == np.float64
+    assert ia["iterations"] == ib["iterations"] == 40 and not ia["converged"]
+    assert ia["residual"] == pytest.approx(ib["residual"], rel=1e-3)
+    diff_ppb = 1000 * float(np.sqrt(np.mean((a[mask] - b[mask]) ** 2)))
+    print(f"\nPDF float32 vs float64 after 40 iterations: {diff_ppb:.2e} ppb rms")
+    assert diff_ppb < 0.01
+
+
+def test_pdf_stops_on_consecutive_iterations_below_tolerance(scene):
+    mask, bg, local = scene
+    _, _, info = pdf((bg + local) * mask, mask, VOX, B0, tolerance=0.003, max_iterations=200)
+    assert info["converged"] and info["residual"] < 0.003 and info["iterations"] < 200

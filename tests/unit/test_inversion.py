@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qsmnode.recon.dipole import dipole_kernel
-from qsmnode.recon.inversion import data_weights, fansi_wtv, regularisation_weight, tkd
+from qsmnode.recon.inversion import data_weights, fansi_wtv, regularisation_weight, relative_update, tkd
 
 SHAPE = (64, 64, 48)
 VOX = (2.0, 2.0, 2.0)
@@ -115,3 +115,33 @@ def test_fansi_downweights_corrupt_voxels(scene):
     weighted, _ = fansi_wtv(corrupt, mask, VOX, B0, weights=data_weights(noise_flag, mask, 0.001), alpha=alpha,
                             iterations=60)
     assert nrmse(weighted, chi, mask) < 0.5 * nrmse(plain, chi, mask)
+
+
+def test_fansi_iterates_do_not_depend_on_precision(scene):
+    """Fixed iteration count: float32 follows float64 (the undetermined mean of chi is set to 0, so
+    rounding noise at k = 0 cannot shift chi by a random constant every iteration)."""
+    mask, _, local, _ = scene
+    a, ia = fansi_wtv(local, mask, VOX, B0, alpha=2e-4, iterations=30, tolerance=0)
+    b, ib = fansi_wtv(local, mask, VOX, B0, alpha=2e-4, iterations=30, tolerance=0, dtype=np.float64)
+    assert a.dtype == np.float32 and b.dtype == np.float64
+    assert ia["iterations"] == 30 and not ia["converged"]
+    assert ia["update"] == pytest.approx(ib["update"], rel=1e-3)
+    assert 1000 * np.sqrt(np.mean((a[mask] - b[mask]) ** 2)) < 0.01  # ppb
+
+
+def test_fansi_stops_on_the_masked_relative_update(scene):
+    mask, _, local, _ = scene
+    est, info = fansi_wtv(local, mask, VOX, B0, alpha=2e-4, iterations=200, tolerance=0.005, consecutive=3)
+    assert info["converged"] and info["iterations"] < 200 and info["update"] < 0.005
+    _, info1 = fansi_wtv(local, mask, VOX, B0, alpha=2e-4, iterations=200, tolerance=0.005, consecutive=1)
+    assert info1["iterations"] <= info["iterations"] - 2
+
+
+def test_relative_update_is_measured_in_the_region():
+    region = np.zeros((4, 4, 4), bool)
+    region[1:3, 1:3, 1:3] = True
+    old = np.zeros((4, 4, 4), np.float32)
+    new = np.where(region, 1.0, 50.0).astype(np.float32)  # large changes outside do not count
+    old[region] = 0.9
+    assert relative_update(new, old, region, np) == pytest.approx(0.1, rel=1e-6)
+    assert relative_update(old * 0, old, region, np) == 1.0
