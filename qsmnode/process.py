@@ -152,7 +152,8 @@ def process_acquisition(
 
     review = reviews[0] if reviews else None
     if review is not None and review.low_confidence:
-        log.warning("low-confidence result, findings withheld: %s", "; ".join(review.warnings))
+        log.warning("low-confidence result, findings withheld: %s",
+                    "; ".join(c.headline for c in review.concerns))
     summary = summarise(acquisition, result, stage_seconds, review)
     summary["outputs"] = len(paths)
     summary["series"] = {w.kind: len(w.paths) for w in written}

@@ -109,6 +109,21 @@ def intracranial_volume_l(age_years: float | None) -> tuple[float, float]:
     return INTRACRANIAL_VOLUME_L_BY_AGE[-1][1]
 
 
+def age_band_text(age_years: float | None) -> str:
+    """The age band whose range applies, in words (the band, not the age: no patient detail
+    in logs)."""
+    if age_years is None:
+        return "adult range; patient age unknown"
+    lower = 0.0
+    for upper_age, _band in INTRACRANIAL_VOLUME_L_BY_AGE:
+        if age_years < upper_age:
+            break
+        lower = upper_age
+    if upper_age == float("inf"):
+        return f"adult range, age {lower:g} y or more"
+    return f"range for age {lower:g}-{upper_age:g} y"
+
+
 def plausible_mask_volume_ml(age_years: float | None) -> tuple[float, float]:
     """(low, high) plausible brain-mask volume in ml for a patient of ``age_years`` (None:
     adult): the ICV band times the mask allowances."""
@@ -159,8 +174,7 @@ def check_mask_volume(mask: np.ndarray, voxel_size_mm, *, affine=None,
     vox = np.asarray(voxel_size_mm, dtype=np.float64).reshape(3)
     volume_ml = float(np.count_nonzero(mask)) * float(np.prod(vox)) / 1000.0
     low_ml, high_ml = plausible_mask_volume_ml(age_years)
-    who = ("adult range; patient age unknown" if age_years is None
-           else f"for age {age_years:.3g} y")
+    who = age_band_text(age_years)
     if volume_ml > high_ml:
         return Concern(
             "mask_volume",
