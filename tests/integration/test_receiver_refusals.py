@@ -38,8 +38,8 @@ def node(tmp_path_factory):
 
 
 def _association(node) -> RawStoreSCU:
-    pairs = sorted({(s.sop_class_uid, s.transfer_syntax) for s in
-                    [make() for make, _, _ in CASES.values()] + [malformed.valid(ts) for ts in malformed.NATIVE_SYNTAXES]})
+    examples = [make() for make, _, _ in CASES.values()] + [malformed.valid(ts) for ts in malformed.NATIVE_SYNTAXES]
+    pairs = sorted({(s.sop_class_uid, s.transfer_syntax) for s in examples})
     return RawStoreSCU(node.port, pairs)
 
 
