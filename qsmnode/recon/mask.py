@@ -43,6 +43,10 @@ from scipy import ndimage
 from qsmnode.errors import ReconstructionError
 from qsmnode.recon.backend import array_module, to_host
 
+#: bias-normalised magnitude (fraction of the head's median) below which a dropped voxel may be a
+#: lesion's signal void rather than edge tissue
+DARK_LESION_LEVEL = 0.6
+
 
 def _bounding_box(mask, margin):
     box = []
@@ -193,9 +197,10 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     mask = restore_dark_lesions(mask, head_inside & ~mask, vox)
+    dark = normalised < DARK_LESION_LEVEL * level
     if echo_times_s is not None and magnitude.ndim == 4 and magnitude.shape[3] >= 2:
         decay = apparent_r2star_per_s(to_host(magnitude)[box], echo_times_s, vox)
-        mask = _keep_reliable(mask, decay <= r2star_max_per_s, vox, fill_holes, open_first=True)
+        mask = _keep_reliable(mask, decay <= r2star_max_per_s, vox, fill_holes, open_first=True, dark=dark)
 
     if phase_quality is not None:
         quality = to_host(phase_quality)
@@ -203,7 +208,7 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
             raise ReconstructionError(
                 f"phase_quality {quality.shape} and magnitude {full_shape} differ in shape",
                 "pass a quality map of the same matrix")
-        mask = _refine(mask, quality[box], quality_threshold, fill_holes, vox)
+        mask = _refine(mask, quality[box], quality_threshold, fill_holes, vox, dark=dark)
     full = np.zeros(full_shape, bool)
     full[box] = mask
     mask = full
@@ -213,20 +218,22 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
     return xp.asarray(mask)
 
 
-def _refine(mask, quality, quality_threshold, fill_holes, voxel_size_mm):
+def _refine(mask, quality, quality_threshold, fill_holes, voxel_size_mm, dark=None):
     quality = np.asarray(quality, dtype=np.float32)
     if quality.shape != mask.shape:
         raise ReconstructionError(
             f"phase_quality {quality.shape} and mask {mask.shape} differ in shape",
             "pass a quality map of the same matrix")
-    return _keep_reliable(mask, quality >= quality_threshold, voxel_size_mm, fill_holes)
+    return _keep_reliable(mask, quality >= quality_threshold, voxel_size_mm, fill_holes, dark=dark)
 
 
-def _keep_reliable(mask, reliable, voxel_size_mm, fill_holes, open_first=False):
+def _keep_reliable(mask, reliable, voxel_size_mm, fill_holes, open_first=False, dark=None):
     """The largest connected piece of ``mask & reliable`` (first opened by one voxel, to cut
-    thin bridges, when ``open_first``), its enclosed holes refilled within ``mask`` and compact
-    dark lesions at its edge kept (:func:`restore_dark_lesions`). Unreliable voxels inside the
-    brain (veins, iron-rich nuclei) are holes and come back; those at the edge leave."""
+    thin bridges, when ``open_first``), its enclosed holes refilled within ``mask``, and compact
+    dark lesions at its edge kept with their one-voxel halo (:func:`restore_dark_lesions`; with
+    ``dark``, only the dark part of what was dropped is a lesion candidate: a bleed's field makes
+    the cortex above it unreliable too, which would join it to the edge). Unreliable voxels
+    inside the brain (veins, iron-rich nuclei) are holes and come back; those at the edge leave."""
     kept = mask & reliable
     if not kept.any():
         return mask
@@ -240,7 +247,10 @@ def _keep_reliable(mask, reliable, voxel_size_mm, fill_holes, open_first=False):
         kept = _morph_mm(kept, step, voxel_size_mm, dilate=True) & mask
     if fill_holes:
         kept = ndimage.binary_fill_holes(kept) & mask
-    return restore_dark_lesions(kept, mask & ~kept, voxel_size_mm)
+    dropped = mask & ~kept
+    lesions = restore_dark_lesions(kept, dropped if dark is None else dropped & dark, voxel_size_mm,
+                                   enclosing=mask) & ~kept
+    return kept | lesions | (ndimage.binary_dilation(lesions) & dropped)
 
 
 def apparent_r2star_per_s(magnitude, echo_times_s, voxel_size_mm):
@@ -254,17 +264,20 @@ def apparent_r2star_per_s(magnitude, echo_times_s, voxel_size_mm):
     return (np.log(np.maximum(first, tiny) / np.maximum(last, tiny)) / np.float32(te[-1] - te[0])).astype(np.float32)
 
 
-def restore_dark_lesions(mask, candidates, voxel_size_mm, *, max_volume_ml=2.0, enclosed_fraction=0.6):
+def restore_dark_lesions(mask, candidates, voxel_size_mm, *, max_volume_ml=2.0, enclosed_fraction=0.6,
+                         enclosing=None):
     """Put compact dark lesions at the edge of ``mask`` back into it.
 
     A bleed or calcification just under the cortex is dark in the magnitude and its phase is
     unreliable, so thresholds and reliability cut it out of the mask, and hole filling cannot
     bring it back when it touches the surface. Each connected piece of ``candidates`` (bool
     ``[i, j, k]``: voxels that some step removed) no larger than ``max_volume_ml`` whose outer
-    boundary lies in ``mask`` for at least ``enclosed_fraction`` of its voxels is added back.
+    boundary lies in ``enclosing`` (default ``mask``) for at least ``enclosed_fraction`` of its
+    voxels is added back.
     Skull, sinus walls and edge shells fail the test: they border the outside as much as the brain.
     Returns bool ``[i, j, k]`` (host numpy).
     """
+    enclosing = mask if enclosing is None else enclosing
     labels, n = ndimage.label(candidates)
     if n == 0:
         return mask
@@ -277,7 +290,7 @@ def restore_dark_lesions(mask, candidates, voxel_size_mm, *, max_volume_ml=2.0, 
         grown_box = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
         piece = labels[grown_box] == index
         rim = ndimage.binary_dilation(piece) & ~piece
-        if rim.any() and np.count_nonzero(rim & mask[grown_box]) >= enclosed_fraction * np.count_nonzero(rim):
+        if rim.any() and np.count_nonzero(rim & enclosing[grown_box]) >= enclosed_fraction * np.count_nonzero(rim):
             out[grown_box] |= piece
     return out
 

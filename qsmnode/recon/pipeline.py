@@ -107,7 +107,7 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
     warnings: list[str] = list(notes)
     quality: dict[str, float] = {}
 
-    from qsmnode.recon.mask import brain_mask
+    from qsmnode.recon.mask import brain_mask, field_noise_quality
     from qsmnode.recon.phase import estimate_total_field
     from qsmnode.recon.r2star import r2star_map
     from qsmnode.recon.swi import minimum_intensity_projection, swi_from_signal
@@ -156,7 +156,10 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
 
     # -- mask refinement by phase reliability -------------------------------------------------------
     t = _Timer()
-    q = xp.asarray(front.phase_quality, dtype=xp.float32)
+    # reliable = the unwrapper's quality and a field noise of the order of the brain's (marrow and
+    # bone at the edge can unwrap smoothly yet carry ten times the brain's field noise)
+    q = xp.minimum(xp.asarray(front.phase_quality, dtype=xp.float32),
+                   field_noise_quality(xp.asarray(front.field_noise_hz, dtype=xp.float32), mask0))
     n0 = int(xp.count_nonzero(mask0))
     unreliable = int(xp.count_nonzero(mask0 & (q < params["mask_quality_threshold"])))
     quality["unreliable_phase_fraction"] = unreliable / max(n0, 1)
@@ -220,7 +223,8 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
                       "model_error_ppm": params["model_error_ppm"],
                       "tv_gradient_scale_ppm_per_mm": params["tv_gradient_scale_ppm_per_mm"],
                       "max_iterations": params["admm_iterations"], "tolerance": params["admm_tolerance"],
-                      "iterations": info["iterations"], "final_update": info["update"]}
+                      "iterations": info["iterations"], "final_update": info["update"],
+                      "converged": info["converged"]}
         algorithm = "weighted linear TV (ADMM, FANSI-style)"
     else:
         chi = inversion.tkd(local_ppm, mask, vox, b0dir, threshold=params["tkd_threshold"],

@@ -35,7 +35,7 @@ from qsmnode.report.findings import Focus, find_foci
 
 MIN_FOCUS_VOXELS = 2
 MIN_FOCUS_VOLUME_MM3 = 8.0
-BOUNDARY_MARGIN_VOXELS = 2
+BOUNDARY_MARGIN_VOXELS = 1
 MAX_LISTED_FINDINGS = 20
 
 

@@ -41,3 +41,36 @@ def edge_accuracy(chi_ppm, truth_ppm, mask, truth_brain_mask, voxel_size_mm) -> 
     out["mask_outside_brain_pct"] = float(100 * np.count_nonzero(m & ~brain) / np.count_nonzero(m))
     out["brain_missed_pct"] = float(100 * np.count_nonzero(brain & ~m) / max(np.count_nonzero(brain), 1))
     return out
+
+
+def region_accuracy(chi_ppm, mask, truth_ppm, labels, lesions, voxel_size_mm, label_ids) -> dict:
+    """Deep-grey slope, vein ratio and each lesion's sign, all referenced to the mask's mean.
+
+    labels / label_ids : the truth's label map and its name -> id table; lesions : dicts with
+    ``kind`` (``microbleed`` | ``calcification``), ``centre_ijk`` and ``radius_mm``.
+    deep_grey_slope : least-squares slope through the origin of estimated against true nucleus
+    means; vein_ratio : estimated / true vein mean; lesions : per lesion its estimated and true
+    mean over the voxels within its radius, whether it is in the mask and has the right sign.
+    """
+    m = np.asarray(mask, bool)
+    est = chi_ppm - chi_ppm[m].mean()
+    tru = truth_ppm - truth_ppm[m].mean()
+    nuclei = ("caudate", "putamen", "globus_pallidus", "thalamus", "substantia_nigra", "red_nucleus")
+    pairs = [(tru[sel].mean(), est[sel].mean()) for name in nuclei
+             if (sel := m & (labels == label_ids[name])).any()]
+    t, e = (np.array(v) for v in zip(*pairs))
+    vein = m & (labels == label_ids["vein"])
+    out = {"deep_grey_slope": float(np.dot(t, e) / np.dot(t, t)),
+           "vein_ratio": float(est[vein].mean() / tru[vein].mean()) if vein.any() else float("nan"),
+           "lesions": []}
+    grid = np.indices(m.shape, sparse=True)
+    for les in lesions:
+        r2 = sum(((g - c) * v) ** 2 for g, c, v in zip(grid, les["centre_ijk"], voxel_size_mm))
+        ball = r2 <= (les["radius_mm"] + 0.5 * min(voxel_size_mm)) ** 2
+        inside = ball & m
+        sign = 1.0 if les["kind"] == "microbleed" else -1.0
+        est_mean = float(est[inside].mean()) if inside.any() else 0.0
+        out["lesions"].append({"kind": les["kind"], "site": les.get("site", ""), "in_mask": bool(m[tuple(les["centre_ijk"])]),
+                               "estimated_ppm": est_mean, "true_ppm": float(tru[ball].mean()),
+                               "right_sign": bool(inside.any() and sign * est_mean > 0)})
+    return out

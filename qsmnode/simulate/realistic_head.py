@@ -228,17 +228,20 @@ def realistic_head(matrix=(96, 112, 88), voxel_size_mm=(2.0, 2.0, 2.0), supersam
 def _lesions(depth, labels, veins, vox, rng):
     """Microbleeds (+0.8 ppm) and calcifications (-0.6 ppm) at set depths below the cortex.
 
+    Radii 2-2.5 mm (4-5 mm across: small microbleeds are 2-10 mm, Greenberg SM et al.
+    Lancet Neurol 2009;8:165), so each covers several voxels of a 2 mm scan.
+
     Places each lesion at a voxel of brain tissue whose depth is in the wanted range, away from
     the other lesions; one microbleed 2.5 mm from a vein's wall. Returns dicts with kind,
     centre_mm, radius_mm, chi_ppm, depth_mm, site.
     """
     wanted = [
-        ("microbleed", 1.5, 0.8, (2.0, 3.5), "cortex, within 5 mm of the surface"),
-        ("microbleed", 1.25, 0.8, (20.0, 40.0), "deep white matter"),
-        ("microbleed", 1.25, 0.8, None, "beside a vein"),
+        ("microbleed", 2.0, 0.8, (2.5, 4.0), "cortex, within 5 mm of the surface"),
+        ("microbleed", 2.0, 0.8, (20.0, 40.0), "deep white matter"),
+        ("microbleed", 2.0, 0.8, None, "beside a vein"),
         ("calcification", 2.0, -0.6, (6.5, 7.5), "7 mm beneath the cortex"),
-        ("calcification", 1.5, -0.6, (3.0, 4.5), "within 5 mm of the surface"),
-        ("calcification", 2.0, -0.6, (22.0, 40.0), "deep white matter"),
+        ("calcification", 2.0, -0.6, (3.0, 4.5), "within 5 mm of the surface"),
+        ("calcification", 2.5, -0.6, (22.0, 40.0), "deep white matter"),
     ]
     stride = max(1, int(round(2.0 / min(vox))))
     sub = (slice(None, None, stride),) * 3
@@ -272,17 +275,20 @@ def _lesions(depth, labels, veins, vox, rng):
 
 
 def simulate_gre_subvoxel(head: RealisticHead, b0_tesla, echo_times_s, b0_direction, *, snr=100.0, seed=0,
-                          receive_bias=None):
+                          receive_bias=None, susceptibility_field_ppm=None):
     """Multi-echo complex GRE of ``head`` on the acquisition grid, with sub-voxel physics.
 
     The field (susceptibility plus the fat chemical shift) and the signal are computed on the
     fine grid (:func:`qsmnode.simulate.forward.simulate_gre`, receive phase offset included) and
     the complex signal is averaged over each acquisition voxel, so edge voxels dephase. Complex
     Gaussian noise is added on the acquisition grid (``snr`` = mean first-echo brain magnitude /
-    noise std). Returns complex64 ``[i, j, k, echo]``, phase as DESIGN.md.
+    noise std). ``susceptibility_field_ppm``: the fine grid's field for this ``b0_direction``
+    when already computed (it does not depend on the field strength). Returns complex64
+    ``[i, j, k, echo]``, phase as DESIGN.md.
     """
-    field_ppm = total_field_ppm(head.fine.chi_ppm, head.fine.voxel_size_mm, b0_direction)
-    field_ppm += np.float32(FAT_SHIFT_PPM) * head.fat_fraction
+    if susceptibility_field_ppm is None:
+        susceptibility_field_ppm = total_field_ppm(head.fine.chi_ppm, head.fine.voxel_size_mm, b0_direction)
+    field_ppm = susceptibility_field_ppm + np.float32(FAT_SHIFT_PPM) * head.fat_fraction
     fine = simulate_gre(head.fine, b0_tesla, echo_times_s, b0_direction, snr=None, field_ppm=field_ppm,
                         receive_bias=receive_bias)
     del field_ppm

@@ -152,6 +152,7 @@ def simulate_scan(
     snr=100.0,
     transfer_syntax=None,
     writer_options: WriterOptions | None = None,
+    head="simple",
 ) -> SimulatedScan:
     """Simulate a multi-echo GRE head scan and write it as ``vendor`` DICOM under ``outdir/dicom``
     with the truth under ``outdir/truth``.
@@ -163,7 +164,11 @@ def simulate_scan(
         matrix / voxel_size_mm : along the array axes (i = columns, j = rows, k = slices), mm.
         echo_times_ms : default five echoes suited to the field. snr : first-echo brain
         magnitude over noise std. transfer_syntax : a transfer syntax UID (default explicit VR
-        little endian; lossless compressed ones are encoded by pydicom).
+        little endian; lossless compressed ones are encoded by pydicom). head : ``simple`` (the
+        phantom of :mod:`qsmnode.simulate.phantom`) or ``realistic``
+        (:mod:`qsmnode.simulate.realistic_head`, simulated below the voxel; axial slabs, tilted
+        by ``oblique_deg``), whose truth ``chi_ppm`` is the brain tissue's and ``truth.json``
+        adds each lesion's depth and site.
 
     Truth (array axes of DESIGN.md): ``chi_ppm.npy`` (ppm), ``labels.npy``, ``brain_mask.npy``,
     ``truth.json`` (labels map, B0 in T, ImagingFrequency, echo times in s, b0 direction,
@@ -197,8 +202,21 @@ def simulate_scan(
     frequency = round(b0 * GYROMAGNETIC_RATIO_MHZ_PER_T, 6)
     b0 = frequency / GYROMAGNETIC_RATIO_MHZ_PER_T
 
-    phantom = _phantom_on_slab(matrix, vox, slab_orientation(orientation, 0.0), seed)
-    signal = simulate_gre(phantom, b0, np.asarray(te_ms) / 1000.0, b0_dir, snr=snr, seed=seed)
+    lesions = None
+    if head == "realistic":
+        from qsmnode.simulate.realistic_head import realistic_head, simulate_gre_subvoxel
+
+        if orientation != "axial":
+            raise ValueError("the realistic head is simulated on axial slabs (tilt them with oblique_deg)")
+        realistic = realistic_head(matrix, vox, seed=seed)
+        signal = simulate_gre_subvoxel(realistic, b0, np.asarray(te_ms) / 1000.0, b0_dir, snr=snr, seed=seed)
+        phantom = realistic.as_phantom()
+        lesions = [{k: (list(v) if k == "centre_ijk" else v) for k, v in les.items()} for les in realistic.lesions]
+    elif head == "simple":
+        phantom = _phantom_on_slab(matrix, vox, slab_orientation(orientation, 0.0), seed)
+        signal = simulate_gre(phantom, b0, np.asarray(te_ms) / 1000.0, b0_dir, snr=snr, seed=seed)
+    else:
+        raise ValueError(f"head must be simple or realistic, got {head!r}")
     paths = write_gre_dicom(
         dicom_dir,
         signal,
@@ -243,7 +261,10 @@ def simulate_scan(
             {"center_ijk": list(c), "radius_mm": float(r)} for c, r in phantom.calcifications
         ],
         "units": {"chi": "ppm", "echo_times": "s", "b0": "T", "affine": "LPS mm"},
+        "head": head,
     }
+    if lesions is not None:
+        truth["lesions"] = lesions
     (truth_dir / "truth.json").write_text(json.dumps(truth, indent=2))
     return SimulatedScan(
         dicom_dir=dicom_dir,
