@@ -552,13 +552,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: SIGKILL this process when its parent (the node) dies; exit now if it already has."""
-    die_with_parent()
-    if os.getppid() != parent_pid:
-        os._exit(3)
-
-
 #: the modules a job imports, loaded by a spare before it waits for its job
 WARM_MODULES = (
     "numpy", "scipy.ndimage", "scipy.fft", "pydicom", "highdicom", "qsmnode.process", "qsmnode.dicom.load",
@@ -684,8 +677,12 @@ def run_job_in_child(spec: dict, send: Callable[[dict], None]) -> int:
 
 
 def run_spare(messages_fd: int, parent_pid: int, device: str, spare_log: Path | None) -> int:
-    """The child process: warm up, wait for one job spec on stdin, run it, report on ``messages_fd``."""
-    _die_with_parent(parent_pid)
+    """The child process: warm up, wait for one job spec on stdin, run it, report on ``messages_fd``.
+    Library messages (pydicom's warnings quote header values) go through the node's filtered log."""
+    from qsmnode.logs import setup_logging
+
+    die_with_parent(parent_pid)
+    setup_logging()
     channel = os.fdopen(messages_fd, "wb", buffering=0)
     lock = threading.Lock()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qsmnode.errors import ReconstructionError
+from qsmnode.errors import ReconstructionError, plain
 
 SINGLE_ECHO_NOTE = (
     "single echo: field = phase / (2 pi TE) without echo combination; R2*/T2* not fitted "
@@ -66,7 +66,7 @@ def check_inputs(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction) ->
         )
     if not np.all(np.isfinite(te)) or np.any(te <= 0):
         raise ReconstructionError(
-            f"echo times must be finite and positive (got {te.tolist()} s)",
+            f"echo times must be finite and positive (got {plain(te)} s)",
             "check EchoTime (0018,0081) of every echo",
         )
     if te.size > 1:
@@ -79,7 +79,7 @@ def check_inputs(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction) ->
             )
         if np.any(steps < 0):
             raise ReconstructionError(
-                f"echo times are not sorted ({te.tolist()} s)",
+                f"echo times are not sorted ({plain(te)} s)",
                 "order the echoes by increasing EchoTime along the last signal axis",
             )
     if te.max() > 1.0:
@@ -97,16 +97,16 @@ def check_inputs(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction) ->
         )
     vox = np.asarray(voxel_size_mm, dtype=np.float64).ravel()
     if vox.size != 3:
-        raise ReconstructionError(f"voxel size needs 3 values, got {vox.tolist()}", "give (di, dj, dk) in mm")
+        raise ReconstructionError(f"voxel size needs 3 values, got {plain(vox)}", "give (di, dj, dk) in mm")
     if not np.all(np.isfinite(vox)) or np.any(vox <= 0):
         raise ReconstructionError(
-            f"voxel size {vox.tolist()} mm is not finite and positive",
+            f"voxel size {plain(vox)} mm is not finite and positive",
             "check PixelSpacing and the slice positions of the series",
         )
     b0dir = np.asarray(b0_direction, dtype=np.float64).ravel()
     if b0dir.size != 3 or not np.all(np.isfinite(b0dir)):
         raise ReconstructionError(
-            f"B0 direction {b0dir.tolist()} is not a finite 3-vector", "check ImageOrientationPatient"
+            f"B0 direction {plain(b0dir)} is not a finite 3-vector", "check ImageOrientationPatient"
         )
     if np.linalg.norm(b0dir) < 1e-6:
         raise ReconstructionError(

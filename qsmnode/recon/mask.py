@@ -46,6 +46,8 @@ from qsmnode.recon.backend import array_module, to_host
 #: bias-normalised magnitude (fraction of the head's median) below which a dropped voxel may be a
 #: lesion's signal void rather than edge tissue
 DARK_LESION_LEVEL = 0.6
+#: fraction of a restored lesion's boundary that must touch the mask it is restored to
+MIN_RIM_ON_MASK = 0.3
 
 
 def _bounding_box(mask, margin):
@@ -273,7 +275,8 @@ def restore_dark_lesions(mask, candidates, voxel_size_mm, *, max_volume_ml=2.0, 
     bring it back when it touches the surface. Each connected piece of ``candidates`` (bool
     ``[i, j, k]``: voxels that some step removed) no larger than ``max_volume_ml`` whose outer
     boundary lies in ``enclosing`` (default ``mask``) for at least ``enclosed_fraction`` of its
-    voxels is added back.
+    voxels, and on ``mask`` itself for at least :data:`MIN_RIM_ON_MASK`, is added back (a lesion
+    borders the brain it sits in; no island comes back).
     Skull, sinus walls and edge shells fail the test: they border the outside as much as the brain.
     Returns bool ``[i, j, k]`` (host numpy).
     """
@@ -290,7 +293,9 @@ def restore_dark_lesions(mask, candidates, voxel_size_mm, *, max_volume_ml=2.0, 
         grown_box = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
         piece = labels[grown_box] == index
         rim = ndimage.binary_dilation(piece) & ~piece
-        if rim.any() and np.count_nonzero(rim & enclosing[grown_box]) >= enclosed_fraction * np.count_nonzero(rim):
+        n_rim = np.count_nonzero(rim)
+        enclosed = np.count_nonzero(rim & enclosing[grown_box]) >= enclosed_fraction * n_rim
+        if n_rim and enclosed and np.count_nonzero(rim & mask[grown_box]) >= MIN_RIM_ON_MASK * n_rim:
             out[grown_box] |= piece
     return out
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qsmnode.errors import ReconstructionError
+from qsmnode.errors import ReconstructionError, plain
 from qsmnode.recon.backend import array_module, to_host
 from qsmnode.recon.result import StepRecord
 from qsmnode.recon.unwrap import (
@@ -51,7 +51,7 @@ def _check_te(echo_times_s, n_echo):
             "send all echoes of the series with their EchoTime")
     if np.any(~np.isfinite(te)) or np.any(te <= 0) or np.any(np.diff(te) <= 0):
         raise ReconstructionError(
-            f"echo times must be positive and strictly increasing, got {te.tolist()} s",
+            f"echo times must be positive and strictly increasing, got {plain(te)} s",
             "check EchoTime (0018,0081) of the series")
     return te
 

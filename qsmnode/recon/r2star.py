@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qsmnode.errors import ReconstructionError
+from qsmnode.errors import ReconstructionError, plain
 from qsmnode.recon.backend import array_module
 
 
@@ -41,7 +41,7 @@ def r2star_map(magnitude, echo_times_s, mask, *, r2star_max_per_s=500.0, t2star_
             "R2* needs at least two echoes; a single echo has no decay to fit",
             "send the multi-echo series, or disable the R2* output")
     if np.any(np.diff(te) <= 0) or np.any(te <= 0):
-        raise R2StarNotDefined(f"echo times must be positive and increasing, got {te.tolist()}",
+        raise R2StarNotDefined(f"echo times must be positive and increasing, got {plain(te)}",
                                "check EchoTime (0018,0081)")
     mask = xp.asarray(mask, dtype=bool)
     if mask.shape != mag.shape[:3]:

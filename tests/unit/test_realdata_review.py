@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qsmnode.report.review import review_result, select_findings
@@ -57,3 +58,24 @@ def test_philips_sr_carries_the_warning_and_withholds_findings(philips):
     assert focus_groups(sr) == []
     # (dciodvfy is run on the synthetic low-confidence SR in test_review: this source's
     # PatientName "d2n_Philips_3T_R571", copied as it is, draws a PN-form warning of its own)
+
+
+def test_philips_mask_is_the_brain_without_scalp_or_face(philips):
+    """1.0-2.0 L (it was 2,867 ml with the scalp ring and the face), nothing in the outer 6 mm of
+    the head, and a brain's shape: one piece, no slice wider than the skull's inner table."""
+    from scipy import ndimage
+
+    acquisition, result, _ = philips
+    vox = tuple(float(v) for v in acquisition.voxel_size_mm)
+    volume_ml = result.mask.sum() * float(np.prod(vox)) / 1000.0
+    assert 1000.0 <= volume_ml <= 2000.0, volume_ml
+    rss = np.sqrt((np.abs(acquisition.signal) ** 2).sum(axis=-1))
+    head = ndimage.binary_fill_holes(rss > 0.1 * np.percentile(rss, 99))
+    depth_mm = ndimage.distance_transform_edt(head, sampling=vox)
+    assert not (result.mask & (depth_mm <= 6.0)).any(), "the mask reaches the scalp"
+    assert ndimage.label(result.mask)[1] == 1
+    # below the temporal lobes the head is face and neck: the mask there is far narrower than the head
+    k_widest = int(np.argmax(result.mask.sum(axis=(0, 1))))
+    lowest = int(np.nonzero(result.mask.any(axis=(0, 1)))[0][0])
+    assert result.mask[:, :, lowest].sum() < 0.5 * head[:, :, lowest].sum()
+    assert result.mask[:, :, k_widest].sum() < 0.85 * head[:, :, k_widest].sum()
