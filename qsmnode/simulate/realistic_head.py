@@ -187,7 +187,9 @@ def realistic_head(matrix=(96, 112, 88), voxel_size_mm=(2.0, 2.0, 2.0), supersam
 
     # --- veins: sinuses at the surface, internal veins, cortical veins in sulci ---------------------
     t = np.deg2rad(np.linspace(15.0, 195.0, 25))
-    sss = [(0.0, -78.0 * np.cos(a), 56.0 * np.sin(a)) for a in t]  # in the CSF under the vault
+    # the superior sagittal sinus runs in the dura against the inner table (outside the arachnoid),
+    # its lumen half in the groove of the bone: painted where it is inside the cranial cavity
+    sss = [(0.0, -80.0 * np.cos(a), 58.5 * np.sin(a)) for a in t]
     vein_paths = [
         (sss, 3.0),
         ([(0.0, 22.0, 10.0), (0.0, 48.0, -4.0), (0.0, 70.0, -20.0)], 2.0),  # straight sinus

@@ -35,13 +35,13 @@ def test_single_voxel_and_tiny_candidates_are_not_findings():
 
 
 def test_candidates_at_the_mask_edge_are_counted_apart():
-    vox = (3.0, 3.0, 3.0)  # margin 2 voxels = 6 mm
-    edge = focus(edge_mm=6.0)
-    deep = focus(edge_mm=9.0, kind="diamagnetic", peak=-0.4)
+    vox = (3.0, 3.0, 3.0)  # margin 1 voxel = 3 mm: the mask's outermost layer
+    edge = focus(edge_mm=3.0)
+    deep = focus(edge_mm=6.0, kind="diamagnetic", peak=-0.4)
     selection = rv.select_findings([edge, deep], vox)
     assert selection.boundary == [edge] and selection.listed == [deep]
     review = rv.Review([], [edge, deep], selection, vox)
-    assert any("1 candidates within 6 mm of the mask edge" in s for s in review.findings_sentences())
+    assert any("1 candidates within 3 mm of the mask edge" in s for s in review.findings_sentences())
 
 
 def test_at_most_max_listed_the_most_extreme_and_the_rest_counted():
@@ -73,9 +73,10 @@ def test_find_foci_measures_the_distance_to_the_mask_edge_and_field_of_view():
     assert foci[(7, 20, 20)].edge_distance_mm == pytest.approx(4.0)  # its voxel i=6: 2 voxels in
     assert foci[(20, 20, 20)].edge_distance_mm == pytest.approx(28.0)  # k=21 to k=35
     assert foci[(20, 12, 2)].edge_distance_mm == pytest.approx(4.0)  # k=1: 2 voxels from the cut
+    # two voxels under the edge is where cortical lesions are: listed; only the outermost layer is not
     selection = rv.select_findings(list(foci.values()), vox)
-    assert [f.centroid_ijk[0] for f in selection.listed] == pytest.approx([20.0])
-    assert len(selection.boundary) == 2
+    assert len(selection.listed) == 3 and selection.boundary == []
+    assert rv.select_findings(list(foci.values()), (4.0, 4.0, 4.0)).boundary != []
 
 
 # ----------------------------------------------------------------------------- low confidence
