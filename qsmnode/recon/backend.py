@@ -56,3 +56,14 @@ def to_host(array) -> np.ndarray:
     if _cupy is not None and isinstance(array, _cupy.ndarray):
         return _cupy.asnumpy(array)
     return np.asarray(array)
+
+
+def ndimage_module(xp):
+    """``scipy.ndimage`` for numpy arrays, ``cupyx.scipy.ndimage`` (the same API) for cupy ones."""
+    if xp is np:
+        from scipy import ndimage
+
+        return ndimage
+    from cupyx.scipy import ndimage
+
+    return ndimage

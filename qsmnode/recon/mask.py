@@ -41,7 +41,7 @@ import numpy as np
 from scipy import ndimage
 
 from qsmnode.errors import ReconstructionError
-from qsmnode.recon.backend import array_module, to_host
+from qsmnode.recon.backend import array_module, ndimage_module, to_host
 
 #: bias-normalised magnitude (fraction of the head's median) below which a dropped voxel may be a
 #: lesion's signal void rather than edge tissue
@@ -330,3 +330,22 @@ def field_noise_quality(field_noise_hz, mask, scale=None):
         scale = 4.0 * float(xp.median(sel[xp.isfinite(sel)])) if sel.size else 1.0
     q = 1.0 / (1.0 + (noise / xp.float32(max(scale, 1e-12))) ** 2)
     return xp.where(xp.isfinite(noise), q, 0.0).astype(xp.float32)
+
+
+def peel_edge(mask, voxels=1):
+    """``mask`` (bool ``[i, j, k]``, numpy or cupy) without its outermost ``voxels`` layers
+    (6-connected steps). The faces of the field of view are not an edge: a slab keeps its cut
+    faces. The outermost layer of a brain mask mixes brain with CSF, bone and air in each voxel
+    and is where background removal is least certain: its susceptibility is not reported.
+    Slivers the peel cuts off (a thin gyrus at the edge) go too: the largest piece is kept."""
+    if voxels <= 0:
+        return mask
+    xp = array_module(mask)
+    nd = ndimage_module(xp)
+    peeled = nd.binary_erosion(xp.asarray(mask, dtype=bool), iterations=int(voxels), border_value=1)
+    labels, n = nd.label(peeled)
+    if int(n) <= 1:
+        return peeled
+    sizes = xp.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(xp.argmax(sizes))

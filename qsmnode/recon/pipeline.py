@@ -9,7 +9,9 @@ reference, parameters and seconds):
 4. receive-phase offset removal (MCPC-3D-S), unwrapping and weighted echo combination
    (:func:`qsmnode.recon.phase.estimate_total_field`) -> total field and its noise in Hz;
    the mask is then refined with the phase reliability (unreliable edge voxels dropped);
-5. background field removal (:mod:`.background`, PDF by default) in ppm;
+5. background field removal (:mod:`.background`, PDF by default) in ppm, on the whole mask; the
+   mask's outermost layer then leaves the QSM (:func:`qsmnode.recon.mask.peel_edge`): partial
+   volume with CSF, bone and air, and the least certain background removal;
 6. dipole inversion (:mod:`.inversion`, FANSI-style weighted TV by default, TKD as preview), with
    data weights and regularisation weight from the field noise;
 7. referencing (:mod:`.reference`): whole brain by default, CSF as an option, both reported;
@@ -107,7 +109,7 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
     warnings: list[str] = list(notes)
     quality: dict[str, float] = {}
 
-    from qsmnode.recon.mask import brain_mask, field_noise_quality
+    from qsmnode.recon.mask import brain_mask, field_noise_quality, peel_edge
     from qsmnode.recon.phase import estimate_total_field
     from qsmnode.recon.r2star import r2star_map
     from qsmnode.recon.swi import minimum_intensity_projection, swi_from_signal
@@ -195,14 +197,16 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
             max_iterations=params["pdf_max_iterations"], pad_mm=params["background_pad_mm"])
         bg_params = {"tolerance": params["pdf_tolerance"], "max_iterations": params["pdf_max_iterations"],
                      "pad_mm": params["background_pad_mm"], "weights": "1/sqrt(noise^2 + model_error^2)",
-                     **info}
+                     "edge_peel_voxels": params["qsm_edge_peel_voxels"], **info}
     else:
         radii = background.default_vsharp_radii_mm(vox, params["vsharp_radius_max_mm"], params["vsharp_radius_min_mm"])
         local_ppm, local_mask = background.vsharp(total_ppm, mask, vox, radii_mm=radii,
                                                   threshold=params["vsharp_threshold"])
-        bg_params = {"radii_mm": radii, "threshold": params["vsharp_threshold"]}
+        bg_params = {"radii_mm": radii, "threshold": params["vsharp_threshold"],
+                     "edge_peel_voxels": params["qsm_edge_peel_voxels"]}
         warnings.append("V-SHARP erodes the brain mask by the smallest sphere radius")
-    mask = xp.asarray(local_mask, dtype=bool)
+    mask = peel_edge(xp.asarray(local_mask, dtype=bool), params["qsm_edge_peel_voxels"])
+    local_ppm = xp.where(mask, local_ppm, 0.0).astype(xp.float32)
     _sync(xp)
     steps.append(StepRecord("background_removal", {"pdf": "PDF", "vsharp": "V-SHARP"}[method], REFERENCES[method],
                             bg_params, t()))

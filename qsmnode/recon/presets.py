@@ -25,6 +25,11 @@ mask_r2star_max_per_s          30.0      60.0      140.0     apparent R2* above 
 mask_quality_threshold         0.30      0.30      0.25      phase reliability below which edge voxels are
                                                              dropped (7 T: stronger, noisier phase)
 background_method              pdf       pdf       pdf       category; PDF keeps the whole brain mask
+qsm_edge_peel_voxels           1         1         1         outermost mask layers left out of the QSM after
+                                                             background removal (partial volume with CSF, bone
+                                                             and air; least certain background): on the
+                                                             realistic head NRMSE 68 -> 50 %, edge RMS
+                                                             0.046 -> 0.025 ppm, veins 0.44 -> 0.82 of truth
 vsharp_radius_max_mm           12.0      12.0      10.0      V-SHARP largest sphere, mm
 vsharp_radius_min_mm           2.0       2.0       2.0       smallest sphere (>= 1 voxel enforced)
 vsharp_threshold               0.05      0.05      0.05      TSVD threshold of the deconvolution
@@ -72,6 +77,7 @@ FIELD_TABLE: dict[str, tuple[Any, Any, Any]] = {
     "mask_r2star_max_per_s": (30.0, 60.0, 140.0),
     "mask_quality_threshold": (0.30, 0.30, 0.25),
     "background_method": ("pdf", "pdf", "pdf"),
+    "qsm_edge_peel_voxels": (1, 1, 1),
     "vsharp_radius_max_mm": (12.0, 12.0, 10.0),
     "vsharp_radius_min_mm": (2.0, 2.0, 2.0),
     "vsharp_threshold": (0.05, 0.05, 0.05),

@@ -10,8 +10,9 @@ Lancet Neurol 2009;8:165-174; sign discrimination by QSM: Chen W et al., Radiolo
 
 1. Contrast: ``c = chi - local background`` (normalised Gaussian convolution over the mask,
    sigma ``background_sigma_mm``), so a focus is measured against the tissue around it.
-   Search inside the mask eroded by ``edge_margin_mm`` (the mask edge carries residual
-   background field). For each sign ``s`` (+1 paramagnetic, -1 diamagnetic), ``x = s * c``.
+   Search inside the mask eroded by ``edge_margin_mm`` (0 by default: the reconstruction
+   already leaves the mask's outermost layer out, :func:`qsmnode.recon.mask.peel_edge`, and the
+   report counts candidates centred at the edge apart, :mod:`qsmnode.report.review`). For each sign ``s`` (+1 paramagnetic, -1 diamagnetic), ``x = s * c``.
 2. Connected components (6-connectivity) of ``x > t``, ``t = max(threshold_ppm,
    noise_factor * sigma)`` with ``sigma`` the robust (MAD) spread of ``c`` in the search mask;
    a component's most extreme voxel must exceed ``peak_threshold_ppm``.
@@ -53,8 +54,9 @@ class Focus:
     elongation : principal-axis ratio ``sqrt(l_max / l_min)`` (1 = sphere, large = tube).
     equivalent_diameter_mm : diameter of the sphere of the same volume.
     n_voxels : number of voxels.
-    edge_distance_mm : distance (mm) from the focus' voxel nearest the mask edge to the nearest
-        voxel outside the mask or the field of view (a voxel touching the edge: one voxel size).
+    edge_distance_mm : distance (mm) from the focus' centre (the voxel of its centroid) to the
+        nearest voxel outside the mask or the field of view (a centre in the outermost layer: one
+        voxel size). A lesion just under the cortex touches the edge; its centre does not.
     """
 
     kind: str
@@ -193,7 +195,7 @@ def find_foci(
     blob_scales_mm: tuple[float, ...] = (2.0,),
     nodule_contrast: float = 1.5,
     background_sigma_mm: float = 5.0,
-    edge_margin_mm: float = 2.0,
+    edge_margin_mm: float = 0.0,
 ) -> list[Focus]:
     """Compact paramagnetic and diamagnetic foci in a susceptibility map (see module doc).
 
@@ -210,6 +212,7 @@ def find_foci(
         from a fragment of a thin vein, so it is not reported (a limitation, not a finding).
     max_diameter_mm : largest equivalent-sphere diameter of a focus (microbleeds: <= 10 mm).
     min_blob_ratio : smallest Hessian ``min|l|/max|l|`` at the focus peak (tube ~0, blob ~1),
+        not asked of a focus centred within 2 voxels of the mask edge (the edge halves it),
         at every scale of ``blob_scales_mm`` (the larger scale bridges the beads of a thin
         vein sampled on a coarse grid, which look like isolated dots at the voxel scale).
     nodule_contrast : inside an elongated/large region, a nodule must exceed this multiple of
@@ -299,9 +302,14 @@ def _compact_focus(region, x, chi_signed, offset, sign, kind, *, max_elongation,
     elongation = principal_axis_elongation(coords, v, vox)
     if elongation > max_elongation:
         return None
-    if any(hessian_blob_ratio(x, region, sv, vox) < min_blob_ratio for sv in sigma_vox):
-        return None
     centroid = (coords * (v / v.sum())[:, None]).sum(axis=0) + offset
+    centre_edge_mm = float(edge_mm[tuple(np.clip(np.round(centroid - offset).astype(int), 0,
+                                                 np.asarray(edge_mm.shape) - 1))])
+    # the mask edge cuts a lesion just under the cortex in half, and half a blob has no curvature
+    # across the cut: there only the elongation test tells it from a vein along the surface
+    near_edge = centre_edge_mm <= 2.0 * float(np.max(vox))
+    if not near_edge and any(hessian_blob_ratio(x, region, sv, vox) < min_blob_ratio for sv in sigma_vox):
+        return None
     c = chi_signed[region].astype(np.float64)
     return Focus(
         kind=kind,
@@ -312,7 +320,7 @@ def _compact_focus(region, x, chi_signed, offset, sign, kind, *, max_elongation,
         elongation=elongation,
         equivalent_diameter_mm=diameter,
         n_voxels=int(n),
-        edge_distance_mm=float(edge_mm[region].min()),
+        edge_distance_mm=centre_edge_mm,
     )
 
 

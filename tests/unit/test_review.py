@@ -34,7 +34,8 @@ def test_single_voxel_and_tiny_candidates_are_not_findings():
     assert selection.listed == [real] and selection.too_small == [one_voxel, tiny]
 
 
-def test_candidates_at_the_mask_edge_are_counted_apart():
+def test_candidates_at_the_mask_edge_are_counted_apart(monkeypatch):
+    monkeypatch.setattr(rv, "BOUNDARY_MARGIN_VOXELS", 1)  # a site's wider margin (default 0)
     vox = (3.0, 3.0, 3.0)  # margin 1 voxel = 3 mm: the mask's outermost layer
     edge = focus(edge_mm=3.0)
     deep = focus(edge_mm=6.0, kind="diamagnetic", peak=-0.4)
@@ -70,13 +71,12 @@ def test_find_foci_measures_the_distance_to_the_mask_edge_and_field_of_view():
     for centre in ((7, 20, 20), (20, 20, 20), (20, 12, 2)):
         chi[(ii - centre[0]) ** 2 + (jj - centre[1]) ** 2 + (kk - centre[2]) ** 2 <= 1] = 0.8
     foci = {tuple(int(round(c)) for c in f.centroid_ijk): f for f in find_foci(chi, mask, vox)}
-    assert foci[(7, 20, 20)].edge_distance_mm == pytest.approx(4.0)  # its voxel i=6: 2 voxels in
-    assert foci[(20, 20, 20)].edge_distance_mm == pytest.approx(28.0)  # k=21 to k=35
-    assert foci[(20, 12, 2)].edge_distance_mm == pytest.approx(4.0)  # k=1: 2 voxels from the cut
-    # two voxels under the edge is where cortical lesions are: listed; only the outermost layer is not
+    assert foci[(7, 20, 20)].edge_distance_mm == pytest.approx(6.0)  # its centre i=7: 3 voxels in
+    assert foci[(20, 20, 20)].edge_distance_mm == pytest.approx(30.0)  # k=20 to k=35
+    assert foci[(20, 12, 2)].edge_distance_mm == pytest.approx(6.0)  # k=2: 3 voxels from the cut
+    # three voxels under the edge is where cortical lesions are: listed
     selection = rv.select_findings(list(foci.values()), vox)
     assert len(selection.listed) == 3 and selection.boundary == []
-    assert rv.select_findings(list(foci.values()), (4.0, 4.0, 4.0)).boundary != []
 
 
 # ----------------------------------------------------------------------------- low confidence
