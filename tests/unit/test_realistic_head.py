@@ -4,11 +4,11 @@ below the voxel, at 1.5, 3 and 7 T, axial and 20 deg oblique, and through every 
 Issue 12's bar on this phantom: whole-mask NRMSE <= 45 %, RMS error in the outer 2 voxels
 <= 0.05 ppm, mask outside the brain <= 3 %, every lesion (within 5 mm of the cortex too) of the
 right sign and listed in the report, deep-grey slope 0.9-1.1, veins within 15 %. Met and asserted
-here: the outer-shell RMS (0.033-0.047 ppm), the mask, the lesions, the deep grey. Not met yet,
-and held here at today's figures so they cannot get worse unseen: the whole-mask NRMSE (61-68 %;
-interior 39-44 %) and the veins (about half their true mean: thin veins averaged with tissue
-inside a 2 mm voxel, whose phase the vein's short T2* leaves to the tissue). bench/edge_accuracy.py
-prints every figure, and bench/RESULTS.md records them.
+here: the outer-shell RMS (0.020-0.026 ppm), the mask (nothing outside the brain), every lesion
+(listed, with its sign), the deep grey (slope 1.03-1.07). Not met yet, and held here at today's
+figures so they cannot get worse unseen: the whole-mask NRMSE (49-54 %; interior 35-41 %) and
+the veins (0.80-0.89 of their true mean). bench/edge_accuracy.py prints every figure, and
+bench/RESULTS.md records them.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ ECHO_TIMES_S = {
 CASES = [(b0, angle) for b0 in (1.5, 3.0, 7.0) for angle in (0.0, 20.0)]
 
 # the issue's bar where it is met, else today's figures with a margin (see the module docstring)
-MAX_NRMSE_PCT = 75.0
-MAX_INTERIOR_NRMSE_PCT = 50.0
+MAX_NRMSE_PCT = 60.0
+MAX_INTERIOR_NRMSE_PCT = 45.0
 MAX_OUTER_RMS_PPM = 0.05  # the issue's bar
-MIN_VEIN_RATIO = 0.3
+MIN_VEIN_RATIO = 0.7
 
 
 def b0_direction(angle_deg):
