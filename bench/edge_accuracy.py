@@ -26,7 +26,8 @@ import numpy as np
 
 from qsmnode.dicom.load import load_acquisition
 from qsmnode.process import reconstruct_acquisition
-from qsmnode.simulate.evaluate import edge_accuracy, region_accuracy
+from qsmnode.report.review import review_result
+from qsmnode.simulate.evaluate import FOCUS_KIND, edge_accuracy, foci_near_lesions, region_accuracy
 from qsmnode.simulate.scan import simulate_scan
 
 MATRIX = (96, 112, 88)
@@ -35,15 +36,9 @@ VOXEL_MM = (2.0, 2.0, 2.0)
 
 def listed_lesions(acquisition, result, lesions, voxel_size_mm) -> list[bool]:
     """Whether the node's report lists each lesion (a listed focus within its radius + 2 mm)."""
-    from qsmnode.report.review import review_result
-
     review = review_result(acquisition, result)
-    vox = np.asarray(voxel_size_mm, dtype=float)
-    kind_of = {"microbleed": "paramagnetic", "calcification": "diamagnetic"}
-    return [any(f.kind == kind_of[les["kind"]]
-                and np.linalg.norm((np.asarray(f.centroid_ijk) - les["centre_ijk"]) * vox) <= les["radius_mm"] + 2.0
-                for f in review.findings.listed)
-            for les in lesions]
+    nearby = foci_near_lesions(review.findings.listed, lesions, voxel_size_mm)
+    return [any(f.kind == FOCUS_KIND[les["kind"]] for f in near) for les, near in zip(lesions, nearby)]
 
 
 def run_case(workdir: Path, vendor: str, field: float, oblique_deg: float) -> dict:
@@ -64,19 +59,14 @@ def run_case(workdir: Path, vendor: str, field: float, oblique_deg: float) -> di
     row.update(edge_accuracy(result.chi_ppm, chi_true, result.mask, brain, VOXEL_MM))
     regions = region_accuracy(result.chi_ppm, result.mask, chi_true, labels, truth["lesions"], VOXEL_MM,
                               truth["labels"])
-    try:
-        listed = listed_lesions(acq, result, truth["lesions"], VOXEL_MM)
-    except ImportError:  # an older tree without the report's review
-        listed = [None] * len(truth["lesions"])
-    for les, shown in zip(regions["lesions"], listed):
+    for les, shown in zip(regions["lesions"], listed_lesions(acq, result, truth["lesions"], VOXEL_MM)):
         les["listed"] = shown
     row.update(regions)
     return row
 
 
 def _fmt(row: dict) -> str:
-    lesions = " ".join(("+" if l["right_sign"] else "-") + ("L" if l["listed"] else ("." if l["listed"] is False else "?"))
-                       for l in row["lesions"])
+    lesions = " ".join(("+" if l["right_sign"] else "-") + ("L" if l["listed"] else ".") for l in row["lesions"])
     return (f"{row['vendor']:8s} {row['field_t']:>4g} T {row['oblique_deg']:>4g} deg | NRMSE {row['nrmse_pct']:5.1f} % "
             f"(outer {row['nrmse_pct_outer_2_voxels']:5.1f}, 2-6 mm {row['nrmse_pct_2_to_6_mm']:5.1f}, "
             f"interior {row['nrmse_pct_interior']:5.1f}) | RMS ppm outer {row['rms_error_ppm_outer_2_voxels']:.3f} "

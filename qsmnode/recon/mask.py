@@ -62,12 +62,14 @@ def _bounding_box(mask, margin):
 
 
 def _largest_component(mask):
-    labels, n = ndimage.label(mask)
-    if n <= 1:
+    """The largest connected piece of ``mask`` (numpy or cupy, on the same backend)."""
+    xp = array_module(mask)
+    labels, n = ndimage_module(xp).label(mask)
+    if int(n) <= 1:
         return mask
-    sizes = np.bincount(labels.ravel())
+    sizes = xp.bincount(labels.ravel())
     sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    return labels == int(xp.argmax(sizes))
 
 
 def _block_mean(a, factors):
@@ -107,18 +109,16 @@ def receive_bias_estimate(magnitude, support, voxel_size_mm, sigma_mm=25.0):
     return ndimage.map_coordinates(coarse, full, order=1, mode="nearest").astype(np.float32)
 
 
-def _morph_mm(mask, radius_mm, voxel_size_mm, dilate=False, within=None):
+def _morph_mm(mask, radius_mm, voxel_size_mm, dilate=False):
     """Erode (or dilate) by a ball of ``radius_mm``, approximated by alternating 6- and
     26-neighbour steps (an octagon-like ball), per axis as many steps as the radius needs in
     that axis's voxel size (rounded up: a 4 mm radius is 2 steps of 3 mm, so a 3 mm scan still
-    cuts a scalp of two voxels). Much faster than a Euclidean distance transform at 256^3.
-    ``within``: a dilation grows one step at a time inside it (geodesic), so it cannot jump a
-    one-voxel gap such as a thin dark skull."""
+    cuts a scalp of two voxels). Much faster than a Euclidean distance transform at 256^3."""
     steps = [int(np.ceil(float(radius_mm) / float(v) - 0.25)) for v in voxel_size_mm]
     out = mask
     def op(a, structure):
         if dilate:
-            return ndimage.binary_dilation(a, structure=structure, mask=within)
+            return ndimage.binary_dilation(a, structure=structure)
         # the field of view's faces are not the head's edge: a slab is not eroded from its cut faces
         return ndimage.binary_erosion(a, structure=structure, border_value=1)
 
@@ -341,11 +341,5 @@ def peel_edge(mask, voxels=1):
     if voxels <= 0:
         return mask
     xp = array_module(mask)
-    nd = ndimage_module(xp)
-    peeled = nd.binary_erosion(xp.asarray(mask, dtype=bool), iterations=int(voxels), border_value=1)
-    labels, n = nd.label(peeled)
-    if int(n) <= 1:
-        return peeled
-    sizes = xp.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(xp.argmax(sizes))
+    peeled = ndimage_module(xp).binary_erosion(xp.asarray(mask, dtype=bool), iterations=int(voxels), border_value=1)
+    return _largest_component(peeled)

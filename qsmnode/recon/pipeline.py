@@ -197,14 +197,14 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
             max_iterations=params["pdf_max_iterations"], pad_mm=params["background_pad_mm"])
         bg_params = {"tolerance": params["pdf_tolerance"], "max_iterations": params["pdf_max_iterations"],
                      "pad_mm": params["background_pad_mm"], "weights": "1/sqrt(noise^2 + model_error^2)",
-                     "edge_peel_voxels": params["qsm_edge_peel_voxels"], **info}
+                     **info}
     else:
         radii = background.default_vsharp_radii_mm(vox, params["vsharp_radius_max_mm"], params["vsharp_radius_min_mm"])
         local_ppm, local_mask = background.vsharp(total_ppm, mask, vox, radii_mm=radii,
                                                   threshold=params["vsharp_threshold"])
-        bg_params = {"radii_mm": radii, "threshold": params["vsharp_threshold"],
-                     "edge_peel_voxels": params["qsm_edge_peel_voxels"]}
+        bg_params = {"radii_mm": radii, "threshold": params["vsharp_threshold"]}
         warnings.append("V-SHARP erodes the brain mask by the smallest sphere radius")
+    bg_params["edge_peel_voxels"] = params["qsm_edge_peel_voxels"]
     mask = peel_edge(xp.asarray(local_mask, dtype=bool), params["qsm_edge_peel_voxels"])
     local_ppm = xp.where(mask, local_ppm, 0.0).astype(xp.float32)
     _sync(xp)

@@ -12,7 +12,8 @@ Lancet Neurol 2009;8:165-174; sign discrimination by QSM: Chen W et al., Radiolo
    sigma ``background_sigma_mm``), so a focus is measured against the tissue around it.
    Search inside the mask eroded by ``edge_margin_mm`` (0 by default: the reconstruction
    already leaves the mask's outermost layer out, :func:`qsmnode.recon.mask.peel_edge`, and the
-   report counts candidates centred at the edge apart, :mod:`qsmnode.report.review`). For each sign ``s`` (+1 paramagnetic, -1 diamagnetic), ``x = s * c``.
+   report counts candidates centred at the edge apart, :mod:`qsmnode.report.review`). For each
+   sign ``s`` (+1 paramagnetic, -1 diamagnetic), ``x = s * c``.
 2. Connected components (6-connectivity) of ``x > t``, ``t = max(threshold_ppm,
    noise_factor * sigma)`` with ``sigma`` the robust (MAD) spread of ``c`` in the search mask;
    a component's most extreme voxel must exceed ``peak_threshold_ppm``.

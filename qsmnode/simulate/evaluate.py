@@ -74,3 +74,16 @@ def region_accuracy(chi_ppm, mask, truth_ppm, labels, lesions, voxel_size_mm, la
                                "estimated_ppm": est_mean, "true_ppm": float(tru[ball].mean()),
                                "right_sign": bool(inside.any() and sign * est_mean > 0)})
     return out
+
+
+#: what a report should call each kind of simulated lesion (:class:`qsmnode.report.findings.Focus` kind)
+FOCUS_KIND = {"microbleed": "paramagnetic", "calcification": "diamagnetic"}
+
+
+def foci_near_lesions(foci, lesions, voxel_size_mm, reach_mm=2.0) -> list[list]:
+    """Per lesion (dicts with ``centre_ijk`` and ``radius_mm``), the foci (objects with
+    ``centroid_ijk``) whose centre lies within the lesion's radius + ``reach_mm`` (mm)."""
+    vox = np.asarray(voxel_size_mm, dtype=float)
+    return [[f for f in foci
+             if np.linalg.norm((np.asarray(f.centroid_ijk) - les["centre_ijk"]) * vox) <= les["radius_mm"] + reach_mm]
+            for les in lesions]

@@ -164,7 +164,7 @@ class HeadPhantom:
         return table[self.labels]
 
 
-def _texture(x, y, z, rng, n_waves=24, wavelength_mm=(14.0, 30.0)):
+def texture(x, y, z, rng, n_waves=24, wavelength_mm=(14.0, 30.0)):
     """Smooth random field (zero mean, unit variance) from random plane waves in mm."""
     out = np.zeros(np.broadcast_shapes(x.shape, y.shape, z.shape), dtype=np.float32)
     for _ in range(n_waves):
@@ -179,7 +179,7 @@ def _texture(x, y, z, rng, n_waves=24, wavelength_mm=(14.0, 30.0)):
     return out * np.float32(np.sqrt(2.0 / n_waves))
 
 
-def _ellipsoid_rho(x, y, z, center, semi):
+def ellipsoid_rho(x, y, z, center, semi):
     """Normalised ellipsoid radius: < 1 inside."""
     return np.sqrt(
         ((x - center[0]) / semi[0]) ** 2 + ((y - center[1]) / semi[1]) ** 2
@@ -187,7 +187,7 @@ def _ellipsoid_rho(x, y, z, center, semi):
     )
 
 
-def _ellipsoid_sdist(x, y, z, center, semi):
+def ellipsoid_sdist(x, y, z, center, semi):
     """Approximate signed distance in mm to an ellipsoid surface (< 0 inside)."""
     dx, dy, dz = x - center[0], y - center[1], z - center[2]
     rho = np.sqrt((dx / semi[0]) ** 2 + (dy / semi[1]) ** 2 + (dz / semi[2]) ** 2)
@@ -201,7 +201,7 @@ def _fraction(sdist, h):
     return np.clip(0.5 - sdist / h, 0.0, 1.0).astype(np.float32)
 
 
-def _tube(x, y, z, points, radius_mm):
+def tube(x, y, z, points, radius_mm):
     """Voxels within ``radius_mm`` of a polyline through ``points`` (mm).
 
     x, y, z : open grids of shapes (ni, 1, 1), (1, nj, 1), (1, 1, nk) in mm (ascending). Each
@@ -232,7 +232,7 @@ def _tube(x, y, z, points, radius_mm):
     return inside
 
 
-def _skull_base_z(y):
+def skull_base_z(y):
     """Height (mm) of the floor of the cranial cavity as a function of y (A->P, mm)."""
     # anterior fossa high, middle fossa lower, posterior fossa lowest
     return np.interp(y, [-100.0, -38.0, -8.0, 22.0, 40.0, 100.0],
@@ -278,10 +278,10 @@ def head_phantom(matrix=(96, 96, 72), voxel_size_mm=(2.0, 2.0, 2.0), seed=0) -> 
 
     # --- head layers (signed distances in mm, for partial volume at the bone surfaces) -----
     h = float(np.mean(vox))
-    sd_head = _ellipsoid_sdist(x, y, z, (0, 0, 0), (72, 90, 68))
-    sd_skull = _ellipsoid_sdist(x, y, z, (0, 0, 0), (67, 85, 63))
-    z_base = _skull_base_z(y)
-    sd_cranial = np.maximum(_ellipsoid_sdist(x, y, z, (0, 0, 0), (61, 79, 57)), z_base - z)
+    sd_head = ellipsoid_sdist(x, y, z, (0, 0, 0), (72, 90, 68))
+    sd_skull = ellipsoid_sdist(x, y, z, (0, 0, 0), (67, 85, 63))
+    z_base = skull_base_z(y)
+    sd_cranial = np.maximum(ellipsoid_sdist(x, y, z, (0, 0, 0), (61, 79, 57)), z_base - z)
     r_stem = np.sqrt(x**2 + (y - 10.0) ** 2)
     sd_stem = np.maximum(r_stem - 11.0, z + 15.0)
     sd_cranial = np.minimum(sd_cranial, np.maximum(sd_stem, sd_skull))
@@ -293,9 +293,9 @@ def head_phantom(matrix=(96, 96, 72), voxel_size_mm=(2.0, 2.0, 2.0), seed=0) -> 
     paint(skull_outer, "skull")
 
     # --- brain: CSF rim, cortex with gyral texture, white matter -------------------------------
-    tex_gm = _texture(x, y, z, rng)
-    tex_sulci = _texture(x, y, z, rng, n_waves=32, wavelength_mm=(18.0, 36.0))
-    rho_b = _ellipsoid_rho(x, y, z, (0, 0, 0), (58.5, 76.5, 54.5))
+    tex_gm = texture(x, y, z, rng)
+    tex_sulci = texture(x, y, z, rng, n_waves=32, wavelength_mm=(18.0, 36.0))
+    rho_b = ellipsoid_rho(x, y, z, (0, 0, 0), (58.5, 76.5, 54.5))
     depth = np.minimum((1.0 - rho_b) * 63.0, z - z_base - 2.5)  # mm below the brain surface
     depth = np.where(brainstem, np.maximum(depth, 11.0 - np.sqrt(x**2 + (y - 10.0) ** 2) - 1.0),
                      depth)
@@ -311,7 +311,7 @@ def head_phantom(matrix=(96, 96, 72), voxel_size_mm=(2.0, 2.0, 2.0), seed=0) -> 
     paint(sulci | fissure, "csf", brain)
 
     # cerebellum (folia: GM outside, WM core) -- below the tentorium, posterior fossa
-    rho_c = _ellipsoid_rho(x, y, z, (0, 50, -40), (46, 26, 18))
+    rho_c = ellipsoid_rho(x, y, z, (0, 50, -40), (46, 26, 18))
     cerebellum = (rho_c < 1) & cranial & (depth > 0)
     tentorium = cerebellum & (rho_c > 0.93)
     paint(np.ones(full, bool), "gm", cerebellum)
@@ -321,11 +321,11 @@ def head_phantom(matrix=(96, 96, 72), voxel_size_mm=(2.0, 2.0, 2.0), seed=0) -> 
 
     # --- ventricles -------------------------------------------------------------------------
     for s in (-1.0, 1.0):
-        paint(_ellipsoid_rho(x, y, z, (s * 8.0, -2.0, 12.0), (4.5, 27.0, 6.0)) < 1, "csf")
+        paint(ellipsoid_rho(x, y, z, (s * 8.0, -2.0, 12.0), (4.5, 27.0, 6.0)) < 1, "csf")
         # posterior/temporal horns
-        paint(_tube(x, y, z, [(s * 12, 22, 10), (s * 20, 30, -4), (s * 26, 10, -16)], 2.5), "csf",
+        paint(tube(x, y, z, [(s * 12, 22, 10), (s * 20, 30, -4), (s * 26, 10, -16)], 2.5), "csf",
               brain)
-    paint(_ellipsoid_rho(x, y, z, (0.0, 6.0, -2.0), (1.8, 10.0, 8.0)) < 1, "csf")
+    paint(ellipsoid_rho(x, y, z, (0.0, 6.0, -2.0), (1.8, 10.0, 8.0)) < 1, "csf")
 
     # --- deep grey nuclei (bilateral) -------------------------------------------------------------
     nuclei = [
@@ -339,7 +339,7 @@ def head_phantom(matrix=(96, 96, 72), voxel_size_mm=(2.0, 2.0, 2.0), seed=0) -> 
     ]
     for name, (cx, cy, cz), semi in nuclei:
         for s in (-1.0, 1.0):
-            paint(_ellipsoid_rho(x, y, z, (s * cx, cy, cz), semi) < 1, name)
+            paint(ellipsoid_rho(x, y, z, (s * cx, cy, cz), semi) < 1, name)
 
     # --- veins (deoxygenated blood) ---------------------------------------------------------------
     t = np.deg2rad(np.linspace(20.0, 200.0, 19))
@@ -356,14 +356,14 @@ def head_phantom(matrix=(96, 96, 72), voxel_size_mm=(2.0, 2.0, 2.0), seed=0) -> 
     ]
     vein_mask = np.zeros(full, dtype=bool)
     for points, radius in veins:
-        vein_mask |= _tube(x, y, z, points, radius)
+        vein_mask |= tube(x, y, z, points, radius)
     paint(vein_mask, "vein", cranial)
 
     # --- sinuses (air in bone, below/in front of the brain) ------------------------------------
     sd_sinus = np.minimum.reduce([
-        _ellipsoid_sdist(x, y, z, (0.0, -77.0, -30.0), (16.0, 6.0, 10.0)),  # frontal
-        _ellipsoid_sdist(x, y, z, (0.0, -30.0, -46.0), (11.0, 10.0, 8.0)),  # sphenoid
-        _ellipsoid_sdist(x, y, z, (0.0, -55.0, -42.0), (12.0, 12.0, 10.0)),  # ethmoid
+        ellipsoid_sdist(x, y, z, (0.0, -77.0, -30.0), (16.0, 6.0, 10.0)),  # frontal
+        ellipsoid_sdist(x, y, z, (0.0, -30.0, -46.0), (11.0, 10.0, 8.0)),  # sphenoid
+        ellipsoid_sdist(x, y, z, (0.0, -55.0, -42.0), (12.0, 12.0, 10.0)),  # ethmoid
     ])
     sd_sinus = np.maximum(sd_sinus, np.maximum(sd_skull, -sd_cranial))  # air only inside bone
     paint(sd_sinus < 0, "sinus")
@@ -373,7 +373,7 @@ def head_phantom(matrix=(96, 96, 72), voxel_size_mm=(2.0, 2.0, 2.0), seed=0) -> 
 
     def sphere(center_ijk, radius_mm):
         c = [(center_ijk[a] - (shape[a] - 1) / 2) * vox[a] for a in range(3)]
-        return _ellipsoid_rho(x, y, z, c, (radius_mm,) * 3) < 1
+        return ellipsoid_rho(x, y, z, c, (radius_mm,) * 3) < 1
 
     for center, radius in microbleeds:
         paint(sphere(center, radius), "microbleed")

@@ -28,17 +28,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from qsmnode.simulate.forward import simulate_gre, total_field_ppm
 from qsmnode.simulate.phantom import (
     BRAIN_LABELS,
     LABELS,
     HeadPhantom,
-    _ellipsoid_rho,
-    _ellipsoid_sdist,
-    _skull_base_z,
-    _texture,
-    _tube,
+    ellipsoid_rho,
+    ellipsoid_sdist,
+    skull_base_z,
+    texture,
+    tube,
 )
 
 FAT_SHIFT_PPM = -3.4
@@ -130,12 +131,12 @@ def realistic_head(matrix=(96, 112, 88), voxel_size_mm=(2.0, 2.0, 2.0), supersam
     # --- head, neck, scalp, skull layers ---------------------------------------------------------
     r_neck = np.sqrt(x**2 + ((y - 12.0) / 1.15) ** 2)
     neck = (r_neck < 52.0) & (zr < -30.0)
-    head = (_ellipsoid_sdist(x, y, zr, (0, 0, 0), (74, 92, 70)) < 0) | neck
+    head = (ellipsoid_sdist(x, y, zr, (0, 0, 0), (74, 92, 70)) < 0) | neck
     paint(head, "scalp", *_OUTER_TISSUES["scalp"])
-    z_floor = _skull_base_z(y) + 2.0
-    sd_cranial = np.maximum(_ellipsoid_sdist(x, y, zr, (0, 0, 0), (62.5, 80.5, 58.5)), z_floor - zr)
+    z_floor = skull_base_z(y) + 2.0
+    sd_cranial = np.maximum(ellipsoid_sdist(x, y, zr, (0, 0, 0), (62.5, 80.5, 58.5)), z_floor - zr)
     # skull: 1.5 mm outer table, 3.5 mm marrow, 1.5 mm inner table over the vault
-    sd_outer = _ellipsoid_sdist(x, y, zr, (0, 0, 0), (69, 87, 65))
+    sd_outer = ellipsoid_sdist(x, y, zr, (0, 0, 0), (69, 87, 65))
     vault = (sd_outer < 0) & (zr > z_floor - 6.0)
     paint(vault, "skull", *_OUTER_TISSUES["cortical_bone"])
     paint(vault & (sd_outer < -1.5) & (sd_cranial > 1.5), "marrow", *_OUTER_TISSUES["marrow"])
@@ -153,16 +154,16 @@ def realistic_head(matrix=(96, 112, 88), voxel_size_mm=(2.0, 2.0, 2.0), supersam
                          ((0, -56, -34), (11, 14, 8)),  # ethmoid
                          ((0, -26, -47), (12, 10, 8)),  # sphenoid
                          ((-50, 26, -50), (9, 10, 9)), ((50, 26, -50), (9, 10, 9))):  # mastoid cells
-        air |= _ellipsoid_rho(x, y, zr, centre, semi) < 1
+        air |= ellipsoid_rho(x, y, zr, centre, semi) < 1
     for side in (-1.0, 1.0):  # ear canals, from the outside of the head inwards
-        air |= _tube(x, y, zr, [(side * 80.0, 14.0, -50.0), (side * 46.0, 14.0, -50.0)], 3.5)
+        air |= tube(x, y, zr, [(side * 80.0, 14.0, -50.0), (side * 46.0, 14.0, -50.0)], 3.5)
     paint(air & (sd_cranial > 1.0), "sinus", *_OUTER_TISSUES["air"])
 
     # --- brain in the cranial cavity: CSF layer 1-4 mm, folded cortex, white matter --------------
     cranial = sd_cranial < 0
-    csf_thickness = 2.5 + 1.5 * np.clip(_texture(x, y, zr, rng, n_waves=12, wavelength_mm=(40.0, 80.0)), -1, 1)
+    csf_thickness = 2.5 + 1.5 * np.clip(texture(x, y, zr, rng, n_waves=12, wavelength_mm=(40.0, 80.0)), -1, 1)
     depth = -(sd_cranial + csf_thickness)  # mm below the brain surface
-    tex_sulci = _texture(x, y, zr, rng, n_waves=32, wavelength_mm=(16.0, 32.0))
+    tex_sulci = texture(x, y, zr, rng, n_waves=32, wavelength_mm=(16.0, 32.0))
     paint(cranial, "csf", 0.0, 1.0)
     brain = cranial & (depth > 0)
     paint(brain, "wm", -0.03, 0.70)
@@ -173,7 +174,7 @@ def realistic_head(matrix=(96, 112, 88), voxel_size_mm=(2.0, 2.0, 2.0), supersam
     paint(cranial & (np.abs(x) < 1.5) & (zr > 5.0) & (depth < 35.0), "csf", 0.0, 1.0)  # interhemispheric
 
     for sgn in (-1.0, 1.0):
-        paint(_ellipsoid_rho(x, y, zr, (sgn * 8.0, -2.0, 12.0), (4.5, 26.0, 6.0)) < 1, "csf", 0.0, 1.0)
+        paint(ellipsoid_rho(x, y, zr, (sgn * 8.0, -2.0, 12.0), (4.5, 26.0, 6.0)) < 1, "csf", 0.0, 1.0)
     for name, centre, semi, chi_v in (
         ("caudate", (13.0, -16.0, 10.0), (4.5, 9.0, 7.0), 0.09),
         ("putamen", (24.0, -3.0, 0.0), (4.5, 13.0, 8.0), 0.07),
@@ -183,7 +184,7 @@ def realistic_head(matrix=(96, 112, 88), voxel_size_mm=(2.0, 2.0, 2.0), supersam
         ("red_nucleus", (4.5, 13.0, -15.0), (3.0, 3.0, 3.0), 0.12),
     ):
         for sgn in (-1.0, 1.0):
-            paint(_ellipsoid_rho(x, y, zr, (sgn * centre[0], centre[1], centre[2]), semi) < 1, name, chi_v, 0.78)
+            paint(ellipsoid_rho(x, y, zr, (sgn * centre[0], centre[1], centre[2]), semi) < 1, name, chi_v, 0.78)
 
     # --- veins: sinuses at the surface, internal veins, cortical veins in sulci ---------------------
     t = np.deg2rad(np.linspace(15.0, 195.0, 25))
@@ -200,13 +201,13 @@ def realistic_head(matrix=(96, 112, 88), voxel_size_mm=(2.0, 2.0, 2.0), supersam
     ]
     veins = np.zeros(shape, bool)
     for points, radius in vein_paths:
-        veins |= _tube(x, y, zr, points, radius)
+        veins |= tube(x, y, zr, points, radius)
     paint(veins & cranial, "vein", 0.45, 0.80)
 
     # --- lesions at chosen depths ----------------------------------------------------------------
     lesions = _lesions(depth, labels, veins, vox, rng)
     for les in lesions:
-        ball = _ellipsoid_rho(x, y, z, les["centre_mm"], (les["radius_mm"],) * 3) < 1
+        ball = ellipsoid_rho(x, y, z, les["centre_mm"], (les["radius_mm"],) * 3) < 1
         paint(ball, les["kind"], les["chi_ppm"], 0.5 if les["kind"] == "microbleed" else 0.3)
 
     brain_fine = np.isin(labels, [L[n] for n in BRAIN_LABELS])
@@ -251,8 +252,6 @@ def _lesions(depth, labels, veins, vox, rng):
     lab = labels[sub]
     tissue = np.isin(lab, [LABELS["gm"], LABELS["wm"]])
     vein_sub = veins[sub]
-    from scipy import ndimage
-
     dist_vein = ndimage.distance_transform_edt(~vein_sub, sampling=[v * stride for v in vox])
     shape = labels.shape
     chosen: list[np.ndarray] = []

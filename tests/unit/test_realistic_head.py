@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from qsmnode.recon.pipeline import reconstruct
-from qsmnode.simulate.evaluate import depth_shells, edge_accuracy, region_accuracy
+from qsmnode.simulate.evaluate import FOCUS_KIND, depth_shells, edge_accuracy, foci_near_lesions, region_accuracy
 from qsmnode.simulate.forward import total_field_ppm
 from qsmnode.simulate.phantom import LABELS
 from qsmnode.simulate.realistic_head import realistic_head, simulate_gre_subvoxel
@@ -138,11 +138,8 @@ def test_every_vendor_writer_lists_every_lesion_with_its_sign(tmp_path, vendor):
     result = reconstruct_acquisition(acquisition, device="cpu")
     review = review_result(acquisition, result)
     assert not review.low_confidence, review.warnings
-    vox = np.asarray(acquisition.voxel_size_mm, dtype=float)
-    kinds = {"microbleed": "paramagnetic", "calcification": "diamagnetic"}
-    for les in truth["lesions"]:
-        near = [f for f in review.findings.listed
-                if np.linalg.norm((np.asarray(f.centroid_ijk) - les["centre_ijk"]) * vox) <= les["radius_mm"] + 2.0]
-        assert near and all(f.kind == kinds[les["kind"]] for f in near), (les, [f.kind for f in near])
+    nearby = foci_near_lesions(review.findings.listed, truth["lesions"], acquisition.voxel_size_mm)
+    for les, near in zip(truth["lesions"], nearby):
+        assert near and all(f.kind == FOCUS_KIND[les["kind"]] for f in near), (les, [f.kind for f in near])
     # nothing else is listed: every finding is one of the lesions
     assert len(review.findings.listed) <= len(truth["lesions"]) + 1
