@@ -496,7 +496,9 @@ class NodeProcess(LoggedProcess):
         path = self.storage / "audit.log"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # the node may be appending a line as this reads: only newline-terminated lines are events
+        complete = path.read_text().rpartition("\n")[0]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def index(self):
         from qsmnode.node.index import Index
