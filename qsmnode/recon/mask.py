@@ -141,7 +141,7 @@ def _morph_mm(mask, radius_mm, voxel_size_mm, dilate=False):
 
 def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, erosion_mm=4.0,
                bias_sigma_mm=25.0, quality_threshold=0.3, fill_holes=True, scalp_mm=6.0,
-               echo_times_s=None, r2star_max_per_s=60.0):
+               echo_times_s=None, r2star_max_per_s=60.0, return_signal_voids=False):
     """Brain mask (bool [i, j, k]) from GRE magnitude, robust to receive bias.
 
     magnitude : [i, j, k] or [i, j, k, echo] (RSS over echoes). voxel_size_mm : (3,) mm.
@@ -156,7 +156,9 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
     scalp_mm : depth (mm) below the head's outer surface that is never brain (the outer scalp).
     echo_times_s, r2star_max_per_s : with multi-echo magnitude, edge voxels whose apparent R2*
         (1/s) exceeds the limit leave the mask (muscle, marrow and tissue at bone and air).
-    Returns bool [i, j, k] on the caller's backend.
+    return_signal_voids : also return the signal voids (bool [i, j, k]: magnitude below
+        :data:`DARK_LESION_LEVEL` of the head's level), for :func:`refine_brain_mask` later.
+    Returns bool [i, j, k] on the caller's backend (and the voids, when asked).
     """
     xp = array_module(magnitude)
     mag = to_host(magnitude).astype(np.float32, copy=False)
@@ -211,13 +213,19 @@ def brain_mask(magnitude, voxel_size_mm, *, phase_quality=None, threshold=0.3, e
                 f"phase_quality {quality.shape} and magnitude {full_shape} differ in shape",
                 "pass a quality map of the same matrix")
         mask = _refine(mask, quality[box], quality_threshold, fill_holes, vox, dark=dark)
-    full = np.zeros(full_shape, bool)
-    full[box] = mask
-    mask = full
+    mask = _uncrop(mask, box, full_shape)
     if not mask.any():
         raise ReconstructionError("the brain mask is empty",
                                   "check that the series covers the head, or lower the threshold")
+    if return_signal_voids:
+        return xp.asarray(mask), xp.asarray(_uncrop(dark, box, full_shape))
     return xp.asarray(mask)
+
+
+def _uncrop(a, box, shape):
+    full = np.zeros(shape, a.dtype)
+    full[box] = a
+    return full
 
 
 def _refine(mask, quality, quality_threshold, fill_holes, voxel_size_mm, dark=None):
@@ -300,20 +308,23 @@ def restore_dark_lesions(mask, candidates, voxel_size_mm, *, max_volume_ml=2.0, 
     return out
 
 
-def refine_brain_mask(mask, phase_quality, *, quality_threshold=0.3, fill_holes=True, voxel_size_mm=(1.0, 1.0, 1.0)):
+def refine_brain_mask(mask, phase_quality, *, quality_threshold=0.3, fill_holes=True, voxel_size_mm=(1.0, 1.0, 1.0),
+                      signal_voids=None):
     """Drop unreliable-phase voxels from the edge of an existing mask (no magnitude needed).
 
     mask : bool [i, j, k] (e.g. from :func:`brain_mask`); phase_quality : [i, j, k] in [0, 1]
     (e.g. ``TotalField.phase_quality`` or :func:`field_noise_quality`). Voxels below
     ``quality_threshold`` are removed, the largest connected piece is kept and enclosed holes
     are refilled (interior veins stay), never growing beyond ``mask``. Same as passing
-    ``phase_quality`` to :func:`brain_mask`, without redoing the magnitude steps; compact dark
-    lesions at the edge stay (:func:`restore_dark_lesions`, sized with ``voxel_size_mm``).
-    Returns bool [i, j, k] on the caller's backend (computed on the host).
+    ``phase_quality`` to :func:`brain_mask` (give it the ``signal_voids`` that
+    ``brain_mask(..., return_signal_voids=True)`` returned), without redoing the magnitude
+    steps; compact dark lesions at the edge stay (:func:`restore_dark_lesions`, sized with
+    ``voxel_size_mm``). Returns bool [i, j, k] on the caller's backend (computed on the host).
     """
     xp = array_module(mask)
+    voids = None if signal_voids is None else to_host(signal_voids).astype(bool)
     out = _refine(to_host(mask).astype(bool), to_host(phase_quality), quality_threshold,
-                  fill_holes, voxel_size_mm)
+                  fill_holes, voxel_size_mm, dark=voids)
     return xp.asarray(out)
 
 

@@ -109,7 +109,7 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
     warnings: list[str] = list(notes)
     quality: dict[str, float] = {}
 
-    from qsmnode.recon.mask import brain_mask, field_noise_quality, peel_edge
+    from qsmnode.recon.mask import brain_mask, field_noise_quality, peel_edge, refine_brain_mask
     from qsmnode.recon.phase import estimate_total_field
     from qsmnode.recon.r2star import r2star_map
     from qsmnode.recon.swi import minimum_intensity_projection, swi_from_signal
@@ -143,7 +143,7 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
     mask_args = {"threshold": params["mask_threshold"], "erosion_mm": params["mask_erosion_mm"],
                  "scalp_mm": params["mask_scalp_mm"], "echo_times_s": te_all,
                  "r2star_max_per_s": params["mask_r2star_max_per_s"]}
-    mask0 = brain_mask(magnitude, vox, **mask_args)
+    mask0, signal_voids = brain_mask(magnitude, vox, **mask_args, return_signal_voids=True)
     _sync(xp)
     steps.append(StepRecord("brain_mask", "bias-normalised magnitude threshold + morphology", REFERENCES["mask"],
                             {k: v for k, v in mask_args.items() if k != "echo_times_s"}, t()))
@@ -165,7 +165,8 @@ def reconstruct(signal, echo_times_s, b0_tesla, voxel_size_mm, b0_direction, *, 
     n0 = int(xp.count_nonzero(mask0))
     unreliable = int(xp.count_nonzero(mask0 & (q < params["mask_quality_threshold"])))
     quality["unreliable_phase_fraction"] = unreliable / max(n0, 1)
-    mask = brain_mask(magnitude, vox, **mask_args, phase_quality=q, quality_threshold=params["mask_quality_threshold"])
+    mask = refine_brain_mask(mask0, q, quality_threshold=params["mask_quality_threshold"], voxel_size_mm=vox,
+                             signal_voids=signal_voids)
     mask = xp.asarray(mask, dtype=bool) & xp.asarray(mask0, dtype=bool)
     if int(xp.count_nonzero(mask)) < 0.5 * n0:  # reliability collapsed: keep the magnitude mask
         warnings.append("phase reliability too low to refine the brain mask; magnitude mask kept")
